@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Each creates .venv if it is missing. torch is pinned to the CPU wheel that lies on
+# disk here; where torch is already importable (a GPU machine) it is left alone.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+EXTRAS ?= envs,logs,bench,dev
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+test: venv
+	MUJOCO_GL=$${MUJOCO_GL:-egl} $(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check flatworld tests benchmarks
+
+demo: venv
+	$(BIN)/python -m flatworld.cli demo
+
+clean:
+	rm -rf $(VENV) runs-demo
+
+.PHONY: venv test lint demo clean
