@@ -260,7 +260,7 @@ def test_grad_scaler_path_matches_unscaled_and_backs_off_on_overflow():
             if use_scaler else None
         sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, grad_scaler=scaler)
 
-        def closure(model=model, scaler=scaler):
+        def closure(model=model, scaler=scaler, x=x, y=y):
             loss = ((model(x) - y) ** 2).mean()
             (scaler.scale(loss) if scaler else loss).backward()
             return loss
@@ -273,7 +273,7 @@ def test_grad_scaler_path_matches_unscaled_and_backs_off_on_overflow():
             assert scaler.get_scale() == 2.0**11  # grew after growth_interval good steps
             before = [p.detach().clone() for p in model.parameters()]
 
-            def overflow(model=model, scaler=scaler):
+            def overflow(model=model, scaler=scaler, x=x, y=y):
                 loss = ((model(x) - y) ** 2).mean() * 1e300
                 scaler.scale(loss).backward()
                 return loss

@@ -33,7 +33,7 @@ def _split(batch: Any, m: int) -> list[Any]:
     if isinstance(batch, tuple | list):
         parts = [t.split(m) for t in batch]
         return [tuple(chunk) for chunk in zip(*parts, strict=True)]
-    raise TypeError(f"batch must be a Tensor or a tuple of Tensors for m-sharpness, got {type(batch)}")
+    raise TypeError(f"m-sharpness needs batch as a Tensor or tuple of Tensors, got {type(batch)}")
 
 
 def _batch_len(chunk: Any) -> int:
@@ -377,7 +377,8 @@ class SAM(torch.optim.Optimizer):
         if self.bn_module is None:
             yield
             return
-        norms = [m for m in self.bn_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        bn_type = nn.modules.batchnorm._BatchNorm
+        norms = [m for m in self.bn_module.modules() if isinstance(m, bn_type)]
         saved = [m.momentum for m in norms]
         for m in norms:
             m.momentum = 0.0
