@@ -201,13 +201,21 @@ class SAM(torch.optim.Optimizer):
         self._nonfinite.append(~torch.isfinite(norm))
         rho = self.rho
         step = rho / self.ascent_steps
+        coef = step / (norm + _TINY)
+        if self.ascent_steps == 1 and self._scales is None and norm.device.type == "cpu":
+            # Plain SAM on CPU: w += rho g/|g| in one fused pass; reading the scalar
+            # costs no device sync here, and skipping the temporary saves a full
+            # allocation (fresh pages) per step.
+            torch._foreach_add_(params, grads, alpha=float(coef))
+            self.base.zero_grad(set_to_none=True)
+            return
         if self.ascent_steps == 1:
             # One step from w: z = rho u / |u|, no projection needed.
-            z = torch._foreach_mul(u, step / (norm + _TINY))
+            z = torch._foreach_mul(u, coef)
         else:
             if first:
                 self._z = [torch.zeros_like(p) for p in params]
-            torch._foreach_add_(self._z, torch._foreach_mul(u, step / (norm + _TINY)))
+            torch._foreach_add_(self._z, torch._foreach_mul(u, coef))
             z_norm = _global_norm(self._z)
             torch._foreach_mul_(self._z, torch.clamp(rho / (z_norm + _TINY), max=1.0))
             z = self._z
