@@ -3,8 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+import typing
 from pathlib import Path
+from typing import Any
+
+# Agent fields whose flag would clash with a SAM flag get another name.
+_RENAMED = {"rho": "horizon-rho"}
+_RUN_SKIP = {"env_options"}
+_AGENT_SKIP = {"wm_optim"}
+
+
+def _flag_type(tp: Any) -> Any:
+    """The scalar type argparse should parse for a dataclass field type (X | None -> X)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args:
+        tp = args[0]
+    return tp if tp in (int, float, str, bool) else None
+
+
+def _add_dataclass_flags(group: Any, cls: type, prefix: str, dest_prefix: str,
+                         skip: set[str], renamed: dict[str, str] | None = None) -> list[str]:
+    """One --flag per scalar field of ``cls``; unset flags stay None (the default holds)."""
+    added = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _flag_type(hints[f.name])
+        if f.name in skip or tp is None:
+            continue
+        name = prefix + (renamed or {}).get(f.name, f.name).replace("_", "-")
+        dest = dest_prefix + f.name
+        if tp is bool:
+            group.add_argument(f"--{name}", dest=dest, action=argparse.BooleanOptionalAction,
+                               default=None)
+        else:
+            group.add_argument(f"--{name}", dest=dest, type=tp, default=None, metavar=tp.__name__)
+        added.append(f.name)
+    return added
+
+
+def _given(args: argparse.Namespace, prefix: str, names: list[str]) -> dict[str, Any]:
+    out = {}
+    for n in names:
+        v = getattr(args, prefix + n, None)
+        if v is not None:
+            out[n] = v
+    return out
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -26,10 +72,49 @@ def _study(args: argparse.Namespace) -> None:
 def _envs(args: argparse.Namespace) -> None:
     from flatworld.envs import list_envs
 
-    for suite, ids in list_envs().items():
-        print(f"{suite} ({len(ids)})")
-        for env_id in ids:
+    for suite in list_envs().values():
+        note = "" if suite.available else f"  [not installed: {suite.requires}]"
+        print(f"{suite.name} ({len(suite.ids)} tasks){note}")
+        for env_id in suite.ids:
             print(f"  {env_id}")
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from flatworld import optim, runs
+    from flatworld.agents import AGENTS
+
+    if args.resume:
+        print(f"run: {runs.resume(args.resume, progress=not args.no_progress)}")
+        return
+    if args.agent is None:
+        parser.error(f"train needs an agent (one of {sorted(AGENTS)}) or --resume RUN_DIR")
+    if args.agent not in AGENTS:
+        parser.error(f"agent={args.agent!r}; accepted: {sorted(AGENTS)}")
+    entry = AGENTS[args.agent]
+    try:
+        run_cfg = runs.RunConfig(**_given(args, "run_", args.run_fields)).validate()
+        sam_fields = _given(args, "sam_", args.sam_fields)
+        if args.rho is not None:
+            sam_fields["rho"] = args.rho
+        if args.wm_optim == "adam" and sam_fields:
+            raise ValueError(f"SAM options {sorted(sam_fields)} given with --wm-optim adam; "
+                             "use --wm-optim sam")
+        sam = optim.SamSpec(**sam_fields) if args.wm_optim == "sam" else None
+        base = entry.config_cls()
+        spec_kwargs = {"lr": args.wm_lr} if args.wm_lr is not None else {}
+        wm_optim = dataclasses.replace(base.wm_optim, sam=sam, **spec_kwargs)
+        agent_cfg = dataclasses.replace(base, wm_optim=wm_optim,
+                                        **_given(args, "agent_", args.agent_fields))
+        agent_cfg.validate()
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
+    print(f"run: {runs.train(run_cfg, args.agent, agent_cfg, progress=not args.no_progress)}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from flatworld import runs
+
+    print(json.dumps(runs.evaluate(args.run_dir, episodes=args.episodes), indent=1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,12 +136,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("envs", help="list every suite and task id")
     p.set_defaults(func=_envs)
+
+    p = sub.add_parser("eval", help="evaluate the last checkpoint of a run folder")
+    p.add_argument("run_dir")
+    p.add_argument("--episodes", type=int, default=10)
+    p.set_defaults(func=_eval)
+
+    _train_parser(sub)
     return parser
+
+
+def _train_parser(sub: Any) -> None:
+    from flatworld import optim, runs
+    from flatworld.agents.tdmpc2.config import TDMPC2Config
+
+    p = sub.add_parser(
+        "train", help="train an agent online (or --resume RUN_DIR)",
+        usage="flatworld train AGENT [--env ID] [--steps N] [--seed S] [--wm-optim adam|sam] "
+              "[--rho R] [options]  |  flatworld train --resume RUN_DIR",
+        description="flatworld train tdmpc2 --env dmc/walker-walk --steps 100000 --seed 1 "
+                    "--wm-optim sam --rho 0.05")
+    p.add_argument("agent", nargs="?", help="agent name, e.g. tdmpc2")
+    p.add_argument("--resume", metavar="RUN_DIR", help="go on from the run's last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("world-model optimizer")
+    g.add_argument("--wm-optim", choices=("adam", "sam"), default="adam")
+    g.add_argument("--wm-lr", type=float, default=None)
+    g.add_argument("--rho", type=float, default=None, help="SAM radius (same as --sam-rho)")
+    sam_fields = _add_dataclass_flags(g, optim.SamSpec, "sam-", "sam_", set())
+    run_fields = _add_dataclass_flags(p.add_argument_group("run"), runs.RunConfig, "", "run_",
+                                      _RUN_SKIP)
+    agent_fields = _add_dataclass_flags(p.add_argument_group("agent (tdmpc2)"), TDMPC2Config,
+                                        "", "agent_", _AGENT_SKIP, _RENAMED)
+    p.set_defaults(func=None, run_fields=run_fields, sam_fields=sam_fields,
+                   agent_fields=agent_fields, train=p)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "train", None) is not None:
+        _train(args, args.train)
+        return
     try:
         args.func(args)
     except ValueError as err:  # bad input: one clear line, not a traceback
