@@ -1,0 +1,115 @@
+"""One `make(env_id, seed, **options)` for every suite, with the Gymnasium API.
+
+Ids carry the suite as a prefix: `dmc/walker-walk`, `gym/Humanoid-v5`,
+`humanoidbench/h1hand-walk-v0`. Observations are float32 (pixels: uint8), actions live in
+[-1, 1]^A, and `episode_length(env)` gives the episode length in agent steps.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+# MuJoCo picks its GL backend when first imported; a headless default must be in place by
+# then, so this runs before anything imports mujoco or dm_control (both imported lazily).
+if sys.platform.startswith("linux"):
+    os.environ.setdefault("MUJOCO_GL", "egl")
+
+import gymnasium as gym  # noqa: E402
+
+from flatworld.envs import dmc, gym_suite  # noqa: E402
+from flatworld.envs.gym_suite import MissingDependencyError  # noqa: E402
+
+__all__ = ["MissingDependencyError", "Suite", "episode_length", "list_envs", "make"]
+
+SUITES = ("dmc", "gym", "humanoidbench")
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    ids: tuple[str, ...]  # full ids, prefix included
+    available: bool  # False: listed statically, its package is not installed
+    requires: str  # what to install for it ("" when it ships with flatworld's extras)
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def list_envs() -> dict[str, Suite]:
+    """Every suite and its env ids. HumanoidBench's list is static (see docs/runs.md)."""
+    hb = _installed("humanoid_bench")
+    return {
+        "dmc": Suite("dmc", tuple(f"dmc/{t}" for t in dmc.task_ids()), _installed("dm_control"),
+                     "pip install 'flatworld[envs]'"),
+        "gym": Suite("gym", tuple(f"gym/{t}" for t in gym_suite.gym_ids()), True,
+                     "pip install 'flatworld[envs]'"),
+        "humanoidbench": Suite(
+            "humanoidbench", tuple(f"humanoidbench/{t}" for t in gym_suite.humanoidbench_ids()),
+            hb, "pip install --no-deps git+https://github.com/carlosferrazza/humanoid-bench",
+        ),
+    }  # fmt: skip
+
+
+def _all_ids() -> list[str]:
+    return [i for s in list_envs().values() for i in s.ids]
+
+
+def _unknown(env_id: str) -> ValueError:
+    close = difflib.get_close_matches(env_id, _all_ids(), n=5, cutoff=0.5)
+    return ValueError(
+        f"unknown env id {env_id!r}; close matches: {close or 'none'}. Ids are "
+        f"'<suite>/<task>' with suite in {SUITES}; flatworld.envs.list_envs() lists them all."
+    )
+
+
+def make(env_id: str, seed: int = 0, **options: Any) -> gym.Env:
+    """Build a seeded environment.
+
+    Options: `action_repeat` (dmc default 2, others 1; rewards are summed over repeats),
+    `episode_length` (agent steps; dmc default 1000 // action_repeat, others the registered
+    time limit / action_repeat); dmc only: `obs` ("state" | "rgb"), `frame_stack` (3),
+    `image_size` (64). Other options go to `gymnasium.make` for gym/ and humanoidbench/.
+    """
+    if not isinstance(env_id, str) or "/" not in env_id:
+        raise _unknown(str(env_id))
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed={seed!r}: expected an int")
+    suite, name = env_id.split("/", 1)
+    if suite == "dmc":
+        task = dmc.resolve(name)
+        if task is None:
+            raise _unknown(env_id)
+        env: gym.Env = dmc.DMCEnv(*task, seed=seed, **options)
+        env.reset(seed=seed)
+        env.action_space.seed(seed)
+        return env
+    if suite in ("gym", "humanoidbench"):
+        opts = dict(options)
+        action_repeat = opts.pop("action_repeat", 1)
+        if not isinstance(action_repeat, int) or action_repeat < 1:
+            raise ValueError(f"action_repeat={action_repeat!r}: expected an int >= 1")
+        length = opts.pop("episode_length", None)
+        if length is not None:
+            if not isinstance(length, int) or length < 1:
+                raise ValueError(f"episode_length={length!r}: expected None or an int >= 1")
+            opts["max_episode_steps"] = length * action_repeat
+        fn = gym_suite.make_gym if suite == "gym" else gym_suite.make_humanoidbench
+        return fn(name, seed, action_repeat=action_repeat, **opts)
+    raise _unknown(env_id)
+
+
+def episode_length(env: gym.Env) -> int:
+    """Episode length in agent steps: `env.episode_length`, else the spec's time limit."""
+    length = getattr(env, "episode_length", None)
+    if length is None and env.spec is not None:
+        length = env.spec.max_episode_steps
+    if not length:
+        raise ValueError(f"{env}: no episode length (set `episode_length` or a time limit)")
+    return int(length)

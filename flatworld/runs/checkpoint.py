@@ -1,0 +1,84 @@
+"""Atomic files and checkpoints that load without unpickling code."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write via a temp file in the same folder, fsync, then rename over `path`: a reader
+    (or a crash) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    # The rename itself is durable only once the folder entry is on disk.
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint in `folder`, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Save `state` as `folder/step_<step>.pt`, keeping the newest `keep` checkpoints."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:010d}.pt"
+    atomic_write(path, lambda f: torch.save(state, f))
+    for _, old in list_checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(folder: str | Path, map_location: str = "cpu") -> tuple[dict[str, Any], Path]:
+    """Load the newest checkpoint that reads back; a damaged one (e.g. truncated by a crash
+    or a full disk) is refused with a warning and the one before it is tried."""
+    found = list_checkpoints(folder)
+    if not found:
+        raise FileNotFoundError(f"no checkpoints (step_*.pt) in {folder}")
+    errors = []
+    for _, path in reversed(found):
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+            if not isinstance(state, dict) or "step" not in state:
+                raise ValueError("not a flatworld checkpoint (no 'step')")
+        except Exception as e:  # noqa: BLE001  (any failure means: this file is unusable)
+            errors.append(f"{path.name}: {type(e).__name__}: {e}")
+            warnings.warn(
+                f"refusing checkpoint {path}: it does not load ({type(e).__name__}: {e}); "
+                "it is probably truncated or corrupted. Trying the previous checkpoint.",
+                RuntimeWarning, stacklevel=2,
+            )  # fmt: skip
+            continue
+        return state, path
+    raise RuntimeError(f"no checkpoint in {folder} loads:\n  " + "\n  ".join(errors))

@@ -1,0 +1,130 @@
+"""The run config, and dict <-> dataclass conversion for configs stored in config.yaml."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+    """Rebuild dataclass `cls` from `dataclasses.asdict` output (e.g. read back from YAML).
+
+    Nested dataclass fields, `X | None` of a dataclass, and tuples (YAML gives lists) are
+    rebuilt from their type hints. Unknown keys are an error: they mean the config changed.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__}: expected a dict, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; accepted: {sorted(names)}")
+    return cls(**{k: _convert(hints[k], v) for k, v in d.items()})
+
+
+def _convert(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        # Optional[Dataclass] (or a union holding one): rebuild the dataclass from a dict.
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if isinstance(value, dict):
+            for a in args:
+                if dataclasses.is_dataclass(a):
+                    return from_dict(a, value)
+        for a in args:
+            if typing.get_origin(a) is tuple and isinstance(value, list | tuple):
+                return _convert(a, value)
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return from_dict(tp, value)
+    if origin is tuple and isinstance(value, list | tuple):
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v) for v in value)
+        if args and len(args) == len(value):
+            return tuple(_convert(a, v) for a, v in zip(args, value, strict=True))
+        return tuple(value)
+    if origin is list and isinstance(value, list | tuple):
+        (arg,) = typing.get_args(tp) or (Any,)
+        return [_convert(arg, v) for v in value]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+@dataclass
+class RunConfig:
+    """One online training run. Step counts are agent steps (env steps / action repeat)."""
+
+    env: str = "dmc/walker-walk"
+    env_options: dict[str, Any] = field(default_factory=dict)  # passed to flatworld.envs.make
+    seed: int = 1
+    steps: int = 100_000
+    seed_steps: int | None = None  # random-action steps; None: max(1000, 5 * episode length)
+    buffer_size: int | None = None  # replay capacity in steps; None: all steps of the run
+    eval_every: int = 10_000
+    eval_episodes: int = 10
+    diag_every: int = 10_000
+    lambda_max: bool = False  # also log lambda_max of the world-model Hessian (slow)
+    checkpoint_every: int = 50_000  # rounded up to the next episode end
+    log_every: int = 1_000
+    run_dir: str = ""  # "": runs/<env>-s<seed>
+    device: str = "cpu"
+    tensorboard: bool = True
+
+    def validate(self) -> RunConfig:
+        def need(ok: bool, name: str, accepted: str) -> None:
+            if not ok:
+                raise ValueError(f"RunConfig.{name}={getattr(self, name)!r}: expected {accepted}")
+
+        def pos_int(name: str, minimum: int = 1) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+            need(ok, name, f"an int >= {minimum}")
+
+        need(
+            isinstance(self.env, str) and "/" in self.env,
+            "env",
+            "'<suite>/<task>', e.g. 'dmc/walker-walk' (flatworld.envs.list_envs())",
+        )
+        need(isinstance(self.env_options, dict), "env_options", "a dict of make() options")
+        pos_int("seed", 0)
+        for name in ("steps", "eval_every", "diag_every", "checkpoint_every", "log_every"):
+            pos_int(name)
+        pos_int("eval_episodes", 0)
+        if self.seed_steps is not None:
+            pos_int("seed_steps", 0)
+        if self.buffer_size is not None:
+            pos_int("buffer_size")
+        for name in ("eval_every", "diag_every"):
+            need(
+                getattr(self, name) % self.log_every == 0,
+                name,
+                f"a multiple of log_every={self.log_every} (each lands on a metrics row)",
+            )
+        need(isinstance(self.lambda_max, bool), "lambda_max", "True or False")
+        need(isinstance(self.tensorboard, bool), "tensorboard", "True or False")
+        need(isinstance(self.run_dir, str), "run_dir", "a path string ('' for the default)")
+        need(
+            isinstance(self.device, str) and bool(_DEVICE.match(self.device)),
+            "device",
+            "'cpu', 'cuda', 'cuda:<n>' or 'mps'",
+        )
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        return from_dict(cls, d)

@@ -1,0 +1,421 @@
+"""The online loop: seed with random actions, then act, store, update once per step.
+
+Determinism: every episode is reset with a seed derived from (run seed, episode index), and
+checkpoints are taken only at episode ends, so the whole state of the loop is the agent, the
+replay buffer, the RNG states and a few counters. A resumed run on CPU is then bit-identical
+to one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from flatworld.runs.checkpoint import (
+    atomic_write_text,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from flatworld.runs.config import RunConfig, from_dict
+from flatworld.runs.logger import MetricsLog
+from flatworld.runs.protocol import Agent
+from flatworld.runs.replay import ReplayBuffer
+
+_TRAIN, _EVAL, _ACTIONS, _REPLAY, _DIAG, _EVALUATE = range(6)  # seed streams
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed that depends on every part (and on nothing else)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _registry() -> dict[str, Any]:
+    # Imported here: the agents package builds on flatworld.runs' protocol, not the reverse.
+    from flatworld.agents import AGENTS
+
+    return AGENTS
+
+
+def _entry(name: str) -> Any:
+    agents = _registry()
+    if name not in agents:
+        raise ValueError(f"agent={name!r}: expected one of {sorted(agents)}")
+    return agents[name]
+
+
+def _plain(x: Any) -> Any:
+    """asdict output with tuples as lists, so yaml.safe_dump can write it."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    return _plain(dataclasses.asdict(cfg))
+
+
+def write_config(run_dir: Path, run_cfg: RunConfig, agent_name: str, agent_cfg: Any) -> None:
+    from flatworld import __version__
+
+    doc = {
+        "flatworld_version": __version__,
+        "run": _config_dict(run_cfg),
+        "agent": {"name": agent_name, "config": _config_dict(agent_cfg)},
+    }
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
+
+
+def read_config(run_dir: str | Path) -> tuple[RunConfig, str, Any]:
+    """(run config, agent name, agent config) rebuilt from `run_dir/config.yaml`."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a flatworld run folder?")
+    doc = yaml.safe_load(path.read_text())
+    run_cfg = RunConfig.from_dict(doc["run"])
+    name = doc["agent"]["name"]
+    cls = _entry(name).config_cls
+    make_cfg = getattr(cls, "from_dict", None)
+    raw = doc["agent"]["config"]
+    agent_cfg = make_cfg(raw) if make_cfg is not None else from_dict(cls, raw)
+    return run_cfg, name, agent_cfg
+
+
+def _rng_state() -> dict[str, Any]:
+    # Only tensors, ints, floats, strings and lists: torch.load(weights_only=True) reads them.
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _discounted(rewards: list[float], discount: float) -> float:
+    ret = 0.0
+    for r in reversed(rewards):
+        ret = r + discount * ret
+    return ret
+
+
+def run_episodes(
+    env: Any, agent: Agent, seeds: list[int], value: bool = True
+) -> dict[str, float | list[float]]:
+    """Evaluation episodes (eval_mode=True), one per seed. The value-prediction error compares
+    agent.value(first obs) with the discounted return realised from it (agent.discount)."""
+    returns, lengths, disc, preds = [], [], [], []
+    for seed in seeds:
+        obs, _ = env.reset(seed=seed)
+        obs = np.asarray(obs, np.float32)
+        if value:
+            preds.append(float(agent.value(obs)))
+        rewards, done, t = [], False, 0
+        while not done:
+            action = agent.act(obs, t0=t == 0, eval_mode=True)
+            obs, r, term, trunc, _ = env.step(action)
+            obs = np.asarray(obs, np.float32)
+            rewards.append(float(r))
+            done, t = term or trunc, t + 1
+        returns.append(sum(rewards))
+        lengths.append(t)
+        disc.append(_discounted(rewards, float(agent.discount)))
+    out: dict[str, float | list[float]] = {
+        "eval_return": float(np.mean(returns)),
+        "eval_return_std": float(np.std(returns)),
+        "eval_length": float(np.mean(lengths)),
+        "eval_discounted_return": float(np.mean(disc)),
+        "returns": returns,
+    }
+    if value:
+        out["value_pred"] = float(np.mean(preds))
+        out["value_error"] = float(np.mean(np.abs(np.array(preds) - np.array(disc))))
+    return out
+
+
+class _Loop:
+    def __init__(
+        self, run_dir: Path, cfg: RunConfig, agent_name: str, agent_cfg: Any, replay: bool = True
+    ):
+        from flatworld.envs import episode_length, make
+
+        self.run_dir, self.cfg = run_dir, cfg
+        torch.manual_seed(cfg.seed)
+        np.random.seed(derive_seed(cfg.seed) % 2**32)
+        random.seed(cfg.seed)
+        self.env = make(cfg.env, seed=cfg.seed, **cfg.env_options)
+        self.eval_env = make(cfg.env, seed=derive_seed(cfg.seed, _EVAL), **cfg.env_options)
+        self.episode_length = episode_length(self.env)
+        obs_space, act_space = self.env.observation_space, self.env.action_space
+        self.action_dim = int(np.prod(act_space.shape))
+        self.agent: Agent = _entry(agent_name).make(
+            agent_cfg, obs_shape=tuple(obs_space.shape), action_dim=self.action_dim,
+            episode_length=self.episode_length, device=cfg.device,
+        )  # fmt: skip
+        self.seed_steps = (
+            cfg.seed_steps if cfg.seed_steps is not None else max(1000, 5 * self.episode_length)
+        )
+        # One row per step plus one per episode start; a run of many short episodes overflows
+        # and forgets its oldest rows, which is the ring buffer's ordinary behaviour.
+        n = (cfg.buffer_size or cfg.steps) if replay else 1  # evaluate() needs no replay
+        capacity = n + n // self.episode_length + 2
+        self.buffer = ReplayBuffer(
+            capacity,
+            tuple(obs_space.shape),
+            self.action_dim,
+            obs_space.dtype,
+            seed=derive_seed(cfg.seed, _REPLAY),
+        )
+        self.action_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _ACTIONS))
+        self.diag_batch: dict[str, torch.Tensor] | None = None
+        self.step = 0  # agent steps taken
+        self.episode = 0  # episodes finished
+        self.updates = 0
+        self.last_return = float("nan")
+        self.last_length = 0
+        self.wall_s = 0.0
+        self.sums: dict[str, float] = {}  # agent update metrics since the last row
+        self.count = 0
+        self.next_checkpoint = cfg.checkpoint_every
+
+    # -- checkpoint state -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "step": self.step,
+            "episode": self.episode,
+            "updates": self.updates,
+            "last_return": self.last_return,
+            "last_length": self.last_length,
+            "wall_s": self.wall_s,
+            "sums": dict(self.sums),
+            "count": self.count,
+            "next_checkpoint": self.next_checkpoint,
+            "done": self.step >= self.cfg.steps,
+            "agent": self.agent.state_dict(),
+            "replay": self.buffer.state_dict(),
+            "diag_batch": self.diag_batch,
+            "action_gen": self.action_gen.get_state(),
+            "rng": _rng_state(),
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.agent.load_state_dict(s["agent"])
+        self.buffer.load_state_dict(s["replay"])
+        self.diag_batch = s["diag_batch"]
+        self.action_gen.set_state(s["action_gen"])
+        for k in (
+            "step",
+            "episode",
+            "updates",
+            "last_return",
+            "last_length",
+            "wall_s",
+            "count",
+            "next_checkpoint",
+        ):
+            setattr(self, k, s[k])
+        self.sums = dict(s["sums"])
+        _set_rng_state(s["rng"])
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.run_dir / "checkpoints", self.step, self.state_dict(), keep=2)
+
+    # -- pieces of a step ---------------------------------------------------------------------
+    def _reset(self) -> np.ndarray:
+        obs, _ = self.env.reset(seed=derive_seed(self.cfg.seed, _TRAIN, self.episode))
+        self.buffer.start_episode(obs)
+        return np.asarray(obs, np.float32)
+
+    def _random_action(self) -> np.ndarray:
+        a = torch.rand(self.action_dim, generator=self.action_gen) * 2 - 1
+        return a.numpy().astype(np.float32)
+
+    def _update(self) -> None:
+        agent = self.agent
+        if self.diag_batch is None:
+            # Sampled once, from its own stream, so it does not shift the training samples.
+            gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, _DIAG))
+            self.diag_batch = self.buffer.sample(agent.batch_size, agent.horizon, generator=gen)
+        batch = self.buffer.sample(agent.batch_size, agent.horizon, device=self.cfg.device)
+        for k, v in agent.update(batch).items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+        self.updates += 1
+
+    def _evaluate(self) -> dict[str, Any]:
+        seeds = [
+            derive_seed(self.cfg.seed, _EVAL, self.step, i) for i in range(self.cfg.eval_episodes)
+        ]
+        out = run_episodes(self.eval_env, self.agent, seeds)
+        out.pop("returns")
+        return out
+
+    def _diagnostics(self) -> dict[str, float]:
+        assert self.diag_batch is not None
+        batch = {k: v.to(self.cfg.device) for k, v in self.diag_batch.items()}
+        out = self.agent.diagnostics(batch, lambda_max=self.cfg.lambda_max)
+        return {k: float(v) for k, v in out.items()}
+
+    def _row(self, extra: dict[str, Any], sps: float) -> dict[str, Any]:
+        repeat = getattr(self.env, "action_repeat", 1)
+        row: dict[str, Any] = {
+            "step": self.step, "env_steps": self.step * repeat, "episode": self.episode,
+            "updates": self.updates, "episode_return": self.last_return,
+            "episode_length": self.last_length, "sps": round(sps, 2),
+            "wall_s": round(self.wall_s, 2),
+        }  # fmt: skip
+        row.update(extra)
+        row.update({f"train/{k}": v / self.count for k, v in sorted(self.sums.items())})
+        self.sums, self.count = {}, 0
+        return row
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self, progress: bool, stop_after: int | None, resumed: bool) -> None:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        log = MetricsLog(self.run_dir, cfg.tensorboard, self.step if resumed else None)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=not progress,
+            unit="step",
+            dynamic_ncols=True,
+            desc=cfg.env,
+        )
+        obs, t, ep_return = self._reset(), 0, 0.0
+        tick, tick_step = time.perf_counter(), self.step
+        try:
+            while self.step < cfg.steps:
+                if stop_after is not None and self.step >= stop_after:
+                    return  # a simulated crash: no checkpoint, nothing flushed beyond the rows
+                if self.step < self.seed_steps:
+                    action = self._random_action()
+                else:
+                    action = np.asarray(self.agent.act(obs, t0=t == 0, eval_mode=False))
+                next_obs, reward, term, trunc, _ = self.env.step(action)
+                self.buffer.add(next_obs, action, reward, term)
+                obs, t, ep_return = np.asarray(next_obs, np.float32), t + 1, ep_return + reward
+                self.step += 1
+                bar.update(1)
+                if self.step >= self.seed_steps and self.buffer.can_sample(self.agent.horizon):
+                    self._update()
+                done = term or trunc
+                if done:
+                    self.episode += 1
+                    self.last_return, self.last_length = float(ep_return), t
+                extra: dict[str, Any] = {}
+                if cfg.eval_episodes and self.step % cfg.eval_every == 0:
+                    extra.update(self._evaluate())
+                if self.step % cfg.diag_every == 0 and self.diag_batch is not None:
+                    extra.update(self._diagnostics())
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    now = time.perf_counter()
+                    self.wall_s += now - tick
+                    sps = (self.step - tick_step) / max(now - tick, 1e-9)
+                    tick, tick_step = now, self.step
+                    log.write(self._row(extra, sps))
+                    bar.set_postfix(ret=f"{self.last_return:.1f}", refresh=False)
+                if self.step == cfg.steps:
+                    self.checkpoint()  # the final one may fall mid-episode; it is not resumed
+                elif done:
+                    if self.step >= self.next_checkpoint:
+                        self.next_checkpoint = (self.step // cfg.checkpoint_every + 1) * (
+                            cfg.checkpoint_every
+                        )
+                        self.wall_s += time.perf_counter() - tick
+                        tick, tick_step = time.perf_counter(), self.step
+                        self.checkpoint()
+                    obs, t, ep_return = self._reset(), 0, 0.0
+        finally:
+            bar.close()
+            log.close()
+
+
+def _default_run_dir(cfg: RunConfig) -> Path:
+    return Path("runs") / f"{cfg.env.replace('/', '-')}-s{cfg.seed}"
+
+
+def train(
+    run_cfg: RunConfig,
+    agent_name: str,
+    agent_cfg: Any,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
+    """Train `agent_name` (a key of flatworld.agents.AGENTS) online; returns the run folder.
+
+    `stop_after` stops the loop after that many steps without a final checkpoint, as a crash
+    would (for testing resume).
+    """
+    run_cfg.validate()
+    entry = _entry(agent_name)
+    if not isinstance(agent_cfg, entry.config_cls):
+        raise ValueError(
+            f"agent_cfg: expected a {entry.config_cls.__name__} for agent "
+            f"{agent_name!r}, got {type(agent_cfg).__name__}"
+        )
+    if hasattr(agent_cfg, "validate"):
+        agent_cfg.validate()
+    run_dir = Path(run_cfg.run_dir) if run_cfg.run_dir else _default_run_dir(run_cfg)
+    if (run_dir / "config.yaml").exists() or list_checkpoints(run_dir / "checkpoints"):
+        raise FileExistsError(
+            f"{run_dir} already holds a run: resume it "
+            f"(flatworld.runs.resume) or choose another run_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, run_cfg, agent_name, agent_cfg)
+    _Loop(run_dir, run_cfg, agent_name, agent_cfg).run(progress, stop_after, resumed=False)
+    return run_dir
+
+
+def resume(run_dir: str | Path, progress: bool = True, stop_after: int | None = None) -> Path:
+    """Go on from the last checkpoint that loads; metrics rows after it are redone."""
+    run_dir = Path(run_dir)
+    run_cfg, agent_name, agent_cfg = read_config(run_dir)
+    run_cfg.validate()
+    loop = _Loop(run_dir, run_cfg, agent_name, agent_cfg)
+    state, _ = load_checkpoint(run_dir / "checkpoints")
+    if state["done"]:
+        return run_dir
+    loop.load_state_dict(state)
+    loop.run(progress, stop_after, resumed=True)
+    return run_dir
+
+
+def evaluate(run_dir: str | Path, episodes: int = 10) -> dict[str, Any]:
+    """Evaluate the agent of the last good checkpoint on `episodes` fresh seeded episodes."""
+    if not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes={episodes!r}: expected an int >= 1")
+    run_dir = Path(run_dir)
+    run_cfg, agent_name, agent_cfg = read_config(run_dir)
+    loop = _Loop(run_dir, run_cfg, agent_name, agent_cfg, replay=False)
+    state, path = load_checkpoint(run_dir / "checkpoints")
+    loop.agent.load_state_dict(state["agent"])
+    torch.manual_seed(derive_seed(run_cfg.seed, _EVALUATE))
+    seeds = [derive_seed(run_cfg.seed, _EVALUATE, i) for i in range(episodes)]
+    out = run_episodes(loop.eval_env, loop.agent, seeds)
+    return {"step": state["step"], "checkpoint": str(path), "episodes": episodes, **out}

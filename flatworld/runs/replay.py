@@ -1,0 +1,166 @@
+"""Episodic replay: preallocated CPU tensors, subsequences that never cross an episode.
+
+Rows follow TD-MPC2's layout: an episode of T steps is T+1 rows; row 0 holds the first
+observation, row t>0 holds obs_t with the action, reward and terminal flag that led to it.
+A window of H+1 rows is then one training sequence: obs from all rows, the rest from rows 1..H.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_NP_TO_TORCH = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32}
+
+
+class ReplayBuffer:
+    def __init__(
+        self,
+        capacity: int,
+        obs_shape: tuple[int, ...],
+        action_dim: int,
+        obs_dtype: np.dtype | type = np.float32,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(capacity, int) or capacity < 2:
+            raise ValueError(f"capacity={capacity!r}: expected an int >= 2")
+        dtype = np.dtype(obs_dtype)
+        if dtype not in _NP_TO_TORCH:
+            raise ValueError(f"obs_dtype={dtype}: expected float32 or uint8 (pixels)")
+        self.capacity, self.obs_shape, self.action_dim = capacity, tuple(obs_shape), action_dim
+        # uint8 pixels stay uint8 in memory (4x smaller) and become float32 when sampled.
+        self.obs = torch.zeros((capacity, *self.obs_shape), dtype=_NP_TO_TORCH[dtype])
+        self.action = torch.zeros((capacity, action_dim), dtype=torch.float32)
+        self.reward = torch.zeros(capacity, dtype=torch.float32)
+        self.terminated = torch.zeros(capacity, dtype=torch.bool)
+        self.episode = torch.full((capacity,), -1, dtype=torch.int64)
+        self.ptr = 0  # next row to write
+        self.size = 0  # rows held
+        self.num_episodes = 0  # episodes started; the id of the current one is this - 1
+        self.episode_rows = 0  # rows of the current episode
+        self.longest = 0  # most rows any episode has had
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _write(self, obs: np.ndarray, action: Any, reward: float, terminated: bool) -> None:
+        i = self.ptr
+        self.obs[i] = torch.as_tensor(np.asarray(obs)).to(self.obs.dtype)
+        self.action[i] = torch.as_tensor(np.asarray(action, np.float32))
+        self.reward[i] = float(reward)
+        self.terminated[i] = bool(terminated)
+        self.episode[i] = self.num_episodes - 1
+        self.episode_rows += 1
+        self.longest = max(self.longest, self.episode_rows)
+        self.ptr = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def start_episode(self, obs: np.ndarray) -> None:
+        self.num_episodes += 1
+        self.episode_rows = 0
+        self._write(obs, np.zeros(self.action_dim, np.float32), 0.0, False)
+
+    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, terminated: bool) -> None:
+        """One step: `obs` is the observation reached by taking `action`."""
+        if self.num_episodes == 0:
+            raise RuntimeError("ReplayBuffer.add before start_episode")
+        self._write(obs, action, reward, terminated)
+
+    def can_sample(self, horizon: int) -> bool:
+        """Whether some episode has a window of horizon + 1 rows."""
+        return self.longest > horizon and self.size > horizon
+
+    def _starts(self, n: int, horizon: int, generator: torch.Generator) -> Tensor:
+        """n start rows, uniform over rows whose next `horizon` rows are in the same episode."""
+        span = self.size - horizon  # windows may not run past the newest row
+        if span <= 0:
+            raise ValueError(
+                f"horizon={horizon}: the buffer holds {self.size} rows, need more than {horizon}"
+            )
+        oldest = (self.ptr - self.size) % self.capacity
+        starts = torch.empty(n, dtype=torch.int64)
+        todo = torch.arange(n)
+        # Rejection sampling is exactly uniform over valid starts; episode ids grow along the
+        # write order, so equal ids at both ends mean the whole window is one episode.
+        for _ in range(100):
+            k = torch.randint(0, span, (len(todo),), generator=generator)
+            pos = (oldest + k) % self.capacity
+            ok = self.episode[pos] == self.episode[(pos + horizon) % self.capacity]
+            starts[todo[ok]] = pos[ok]
+            todo = todo[~ok]
+            if len(todo) == 0:
+                return starts
+        # Nearly every window is invalid (episodes barely longer than H): enumerate them.
+        pos = (oldest + torch.arange(span)) % self.capacity
+        valid = pos[self.episode[pos] == self.episode[(pos + horizon) % self.capacity]]
+        if len(valid) == 0:
+            raise ValueError(
+                f"horizon={horizon}: no episode in the buffer has more than {horizon} steps"
+            )
+        starts[todo] = valid[torch.randint(0, len(valid), (len(todo),), generator=generator)]
+        return starts
+
+    def sample(
+        self,
+        batch_size: int,
+        horizon: int,
+        device: str | torch.device = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """A batch in TD-MPC2's layout: obs (H+1, B, *obs), action (H, B, A), reward and
+        terminated (H, B, 1), all float32 on `device`. Uses the buffer's own generator unless
+        another is given (the held-out diagnostics batch uses a separate one)."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
+        if not isinstance(horizon, int) or horizon < 1:
+            raise ValueError(f"horizon={horizon!r}: expected an int >= 1")
+        starts = self._starts(batch_size, horizon, generator or self.generator)
+        idx = (starts[None, :] + torch.arange(horizon + 1)[:, None]) % self.capacity
+        nxt = idx[1:]
+        batch = {
+            "obs": self.obs[idx].float(),
+            "action": self.action[nxt],
+            "reward": self.reward[nxt].unsqueeze(-1),
+            "terminated": self.terminated[nxt].float().unsqueeze(-1),
+        }
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        n = self.size if self.size < self.capacity else self.capacity
+        return {
+            "capacity": self.capacity,
+            "obs_shape": list(self.obs_shape),
+            "action_dim": self.action_dim,
+            "ptr": self.ptr,
+            "size": self.size,
+            "num_episodes": self.num_episodes,
+            "episode_rows": self.episode_rows,
+            "longest": self.longest,
+            # Rows fill from 0 until the buffer wraps, so the first `size` rows are the data.
+            "obs": self.obs[:n].clone(),
+            "action": self.action[:n].clone(),
+            "reward": self.reward[:n].clone(),
+            "terminated": self.terminated[:n].clone(),
+            "episode": self.episode[:n].clone(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        if (d["capacity"], tuple(d["obs_shape"]), d["action_dim"]) != (
+            self.capacity, self.obs_shape, self.action_dim,
+        ):  # fmt: skip
+            raise ValueError(
+                f"replay state has capacity={d['capacity']}, obs_shape={tuple(d['obs_shape'])}, "
+                f"action_dim={d['action_dim']}; this buffer has {self.capacity}, "
+                f"{self.obs_shape}, {self.action_dim}"
+            )
+        n = d["obs"].shape[0]
+        for name in ("obs", "action", "reward", "terminated", "episode"):
+            getattr(self, name)[:n] = d[name]
+        self.ptr, self.size, self.num_episodes = d["ptr"], d["size"], d["num_episodes"]
+        self.episode_rows, self.longest = d["episode_rows"], d["longest"]
+        self.generator.set_state(d["generator"])
