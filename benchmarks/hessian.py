@@ -144,6 +144,7 @@ def main() -> None:
     # tol=-inf (trace) make them run every iteration; the counters check it.
     ph_count = Counter(ph_module, "hessian_vector_product")
     fw_count = Counter(fw_hessian._Hessian, "__call__")
+    fd_count = Counter(fw_hessian._FiniteDifferenceHessian, "__call__")
 
     def run_pyhessian(kind: str, n: int, tol: float):
         model.zero_grad(set_to_none=True)
@@ -181,6 +182,15 @@ def main() -> None:
                     loss_fn, params, samples=args.samples, seed=seed))
                 row["fw_trace"], row["fw_trace_stderr"] = tr.mean, tr.stderr
                 row["fw_trace_hvps"] = fw_count.n - c0
+                # The same iterations with finite-difference products (hvp="fd").
+                c0 = fd_count.n
+                eig, row["fd_eig_s"] = timed(lambda seed=r: sharpness.lambda_max(
+                    loss_fn, params, iters=args.iters, tol=0.0, method="power", seed=seed,
+                    hvp="fd"))
+                row["fd_eig"], row["fd_eig_hvps"], c0 = eig.value, fd_count.n - c0, fd_count.n
+                tr, row["fd_trace_s"] = timed(lambda seed=r: sharpness.hessian_trace(
+                    loss_fn, params, samples=args.samples, seed=seed, hvp="fd"))
+                row["fd_trace"], row["fd_trace_hvps"] = tr.mean, fd_count.n - c0
         log(f"repeat {r}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
         rows.append(row)
 
@@ -203,6 +213,21 @@ def main() -> None:
                   "flatworld_s": med("fw_trace_s"), "pyhessian_s": med("ph_trace_s"),
                   "speedup_median": statistics.median(
                       r["ph_trace_s"] / r["fw_trace_s"] for r in rows)},
+    }
+
+    same["fd"] = {
+        "hvps_equal": all(r["fd_eig_hvps"] == args.iters and r["fd_trace_hvps"] == args.samples
+                          for r in rows),
+        "lambda_max": {"flatworld_fd": med("fd_eig"), "pyhessian": med("ph_eig"),
+                       "rel_diff": abs(med("fd_eig") - med("ph_eig")) / abs(med("ph_eig")),
+                       "flatworld_fd_s": med("fd_eig_s"), "pyhessian_s": med("ph_eig_s"),
+                       "speedup_median": statistics.median(
+                           r["ph_eig_s"] / r["fd_eig_s"] for r in rows)},
+        "trace": {"flatworld_fd": med("fd_trace"), "pyhessian": med("ph_trace"),
+                  "rel_diff": abs(med("fd_trace") - med("ph_trace")) / abs(med("ph_trace")),
+                  "flatworld_fd_s": med("fd_trace_s"), "pyhessian_s": med("ph_trace_s"),
+                  "speedup_median": statistics.median(
+                      r["ph_trace_s"] / r["fd_trace_s"] for r in rows)},
     }
 
     log(f"equal accuracy: reference by Lanczos ({args.ref_iters} products, tol 1e-7) ...")

@@ -242,3 +242,24 @@ def test_works_when_called_under_no_grad():
     with torch.no_grad():
         assert S.first_order(q, q.params) == expected
         assert S.lambda_max(q, q.params, iters=50, tol=1e-10).value == pytest.approx(5.0)
+
+
+def test_finite_difference_hvp_tracks_exact_and_restores_weights():
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
+    x, y = torch.randn(64, 6), torch.randn(64, 2)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+
+    def loss_fn():
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    exact = S.lambda_max(loss_fn, params, iters=60, tol=0.0, method="power", seed=0)
+    approx = S.lambda_max(loss_fn, params, iters=60, tol=0.0, method="power", seed=0,
+                                  hvp="fd")
+    assert abs(approx.value - exact.value) <= 0.02 * abs(exact.value)
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    with pytest.raises(ValueError, match="hvp='bogus'"):
+        S.lambda_max(loss_fn, params, hvp="bogus")
+    with pytest.raises(ValueError, match="fd_eps=0"):
+        S.hessian_trace(loss_fn, params, hvp="fd", fd_eps=0)

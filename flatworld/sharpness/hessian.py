@@ -65,6 +65,50 @@ class _Hessian:
         return torch.Generator(device=self.device).manual_seed(seed)
 
 
+class _FiniteDifferenceHessian(_Hessian):
+    """v -> (g(w + s v) - g(w)) / s with |s v| = eps: one first-order backward per product.
+
+    Double backward through LayerNorm and Mish costs about two first-order passes, so this
+    halves the cost of a product, at a bias of order eps times the third derivative (about
+    0.5% per product at eps=1e-3 on the benchmark MLP; eigenvalues and traces average it
+    further). The weights are moved in place and restored bit for bit.
+    """
+
+    def __init__(self, loss_fn: LossFn, params: list[Tensor], eps: float):
+        if not eps > 0:
+            raise ValueError(f"fd_eps={eps}; accepted: fd_eps > 0")
+        self.params, self.n, self.eps, self.loss_fn = params, numel(params), eps, loss_fn
+        self.dtype, self.device = params[0].dtype, params[0].device
+        self.saved = [p.detach().clone() for p in params]
+        self.g0 = self._grad()
+
+    def _grad(self) -> Tensor:
+        with torch.enable_grad():
+            return flat_grad(scalar_loss(self.loss_fn), self.params).detach()
+
+    def __call__(self, v: Tensor) -> Tensor:
+        step = self.eps / max(float(torch.linalg.vector_norm(v)), 1e-30)
+        with torch.no_grad():
+            torch._foreach_add_(self.params, unflatten(v, self.params), alpha=step)
+        try:
+            g = self._grad()
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.saved)
+        return g.sub_(self.g0).div_(step)
+
+
+HVP_METHODS = ("exact", "fd")
+
+
+def _operator(loss_fn: LossFn, params: list[Tensor], hvp: str, fd_eps: float) -> _Hessian:
+    if hvp not in HVP_METHODS:
+        raise ValueError(f"hvp={hvp!r}; accepted: {' | '.join(HVP_METHODS)}")
+    if hvp == "fd":
+        return _FiniteDifferenceHessian(loss_fn, params, fd_eps)
+    return _Hessian(loss_fn, params)
+
+
 def hvp(loss_fn: LossFn, params: Iterable[Tensor], vec: list[Tensor]) -> list[Tensor]:
     """Hessian of `loss_fn()` w.r.t. `params` times `vec` (tensors shaped like params)."""
     params = check_params(params)
@@ -145,19 +189,23 @@ def lambda_max(
     tol: float = 1e-4,
     method: str = "lanczos",
     seed: int = 0,
+    hvp: str = "exact",
+    fd_eps: float = 1e-3,
 ) -> Eigen:
     """Largest (algebraic) eigenvalue of the Hessian of `loss_fn()` w.r.t. `params`, with at
     most `iters` Hessian-vector products per run. Returns (value, converged).
 
     lanczos (default): converges in far fewer products than power iteration.
     power: finds the eigenvalue of largest magnitude; when that one is negative a second run
-    on H - value I recovers the largest algebraic one (so up to 2 * iters products)."""
+    on H - value I recovers the largest algebraic one (so up to 2 * iters products).
+    hvp="fd": finite-difference products, about twice as fast, approximate (see
+    _FiniteDifferenceHessian); "exact" (default) uses double backward."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}; accepted: {' | '.join(METHODS)}")
     params = check_params(params)
     iters, tol = check_positive_int("iters", iters), _check_tol(tol)
     with preserved(params):
-        op = _Hessian(loss_fn, params)
+        op = _operator(loss_fn, params, hvp, fd_eps)
         gen = op.generator(seed)
         v = torch.randn(op.n, generator=gen, dtype=op.dtype, device=op.device)
         if method == "lanczos":
@@ -171,14 +219,15 @@ def lambda_max(
 
 
 def hessian_trace(
-    loss_fn: LossFn, params: Iterable[Tensor], samples: int = 100, seed: int = 0
+    loss_fn: LossFn, params: Iterable[Tensor], samples: int = 100, seed: int = 0,
+    hvp: str = "exact", fd_eps: float = 1e-3,
 ) -> Trace:
     """Hutchinson's estimate of tr(H) = E[z^T H z] with Rademacher z: (mean, standard error
     of the mean). stderr is nan for a single sample."""
     params = check_params(params)
     samples = check_positive_int("samples", samples)
     with preserved(params):
-        op = _Hessian(loss_fn, params)
+        op = _operator(loss_fn, params, hvp, fd_eps)
         gen = op.generator(seed)
         quads = []
         for _ in range(samples):  # no host sync inside the loop
