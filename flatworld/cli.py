@@ -63,7 +63,8 @@ def _study(args: argparse.Namespace) -> None:
     from flatworld.studies import STUDIES, run_study
 
     if args.name is None:
-        print("\n".join(sorted(STUDIES)))
+        for name, study in sorted(STUDIES.items()):
+            print(f"{name:15s} {study.summary}")
         return
     report = run_study(args.name, Path(args.out) / args.name, full=args.full, seed=args.seed)
     print(f"report: {report}")
