@@ -1,0 +1,26 @@
+"""Agents, by name. Each entry gives its config dataclass and a factory.
+
+``AGENTS[name].make(cfg, obs_shape=..., action_dim=..., episode_length=..., device=...)``
+returns an object that follows ``flatworld.runs.protocol.Agent``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flatworld.agents import tdmpc2
+
+
+@dataclass(frozen=True)
+class AgentEntry:
+    config_cls: type
+    make: Callable[..., Any]
+
+
+AGENTS: dict[str, AgentEntry] = {
+    "tdmpc2": AgentEntry(config_cls=tdmpc2.TDMPC2Config, make=tdmpc2.make),
+}
+
+__all__ = ["AGENTS", "AgentEntry"]

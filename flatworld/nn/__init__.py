@@ -1,0 +1,37 @@
+"""Building blocks shared by agents."""
+
+from flatworld.nn.layers import (
+    Ensemble,
+    Mish,
+    NormedLinear,
+    ShiftAug,
+    SimNorm,
+    conv_encoder,
+    mish,
+    mlp,
+    num_params,
+)
+from flatworld.nn.math import (
+    RunningScale,
+    TwoHot,
+    soft_cross_entropy,
+    symexp,
+    symlog,
+)
+
+__all__ = [
+    "Ensemble",
+    "Mish",
+    "NormedLinear",
+    "RunningScale",
+    "ShiftAug",
+    "SimNorm",
+    "TwoHot",
+    "conv_encoder",
+    "mish",
+    "mlp",
+    "num_params",
+    "soft_cross_entropy",
+    "symexp",
+    "symlog",
+]
