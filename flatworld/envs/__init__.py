@@ -43,7 +43,7 @@ def _installed(module: str) -> bool:
 
 
 def list_envs() -> dict[str, Suite]:
-    """Every suite and its env ids. HumanoidBench's list is static (see docs/runs.md)."""
+    """Every suite and its env ids. HumanoidBench's list is static (see the README)."""
     hb = _installed("humanoid_bench")
     return {
         "dmc": Suite("dmc", tuple(f"dmc/{t}" for t in dmc.task_ids()), _installed("dm_control"),
