@@ -11,7 +11,15 @@ from torch import nn
 from flatworld import optim
 from flatworld.optim import SAM, EveryK, LatePhase, OptimSpec, RhoSchedule, SamSpec
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Closed forms compare at float64; restore the default so other test files see float32."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def quadratic(seed: int = 0, n: int = 5):

@@ -178,13 +178,15 @@ def test_sam_changes_world_model_step_not_policy_path(monkeypatch):
     assert same(params(a, a.model.pi_net), params(b, b.model.pi_net))
 
 
-def test_encoder_dynamics_scope_heads_take_plain_first_pass_step():
+@pytest.mark.parametrize("clip, ascent_steps", [(20.0, 1), (1e-3, 1), (20.0, 2)])
+def test_encoder_dynamics_scope_heads_take_plain_first_pass_step(clip, ascent_steps):
     batch = synthetic_batch()
     runs = {}
-    ed = "encoder_dynamics"
+    ed, sam_spec = "encoder_dynamics", optim.SamSpec(rho=0.1, ascent_steps=ascent_steps)
     for name, sam, scope in (("plain", None, "all"), ("plain_ed", None, ed),
-                             ("sam_all", SAM, "all"), ("sam_ed", SAM, ed)):  # fmt: skip
-        agent = make_agent(wm_optim=optim.OptimSpec(sam=sam), sam_scope=scope)
+                             ("sam_all", sam_spec, "all"), ("sam_ed", sam_spec, ed)):  # fmt: skip
+        agent = make_agent(wm_optim=optim.OptimSpec(sam=sam), sam_scope=scope,
+                           grad_clip_norm=clip)  # fmt: skip
         torch.manual_seed(5)
         agent.update(batch)
         m = agent.model

@@ -148,18 +148,27 @@ class TDMPC2Agent:
                 first["rng"] = self._rng_state()
             else:
                 self._set_rng_state(first["rng"])
-            loss, parts, zs = self.world_model_loss(batch, tg)
-            loss.backward()
+            # encoder_dynamics scope: the heads take a plain step with their first-pass gradient.
+            # In later passes they pass gradients on to zs but compute none for themselves, and
+            # holding no gradient during the ascent they are not perturbed.
+            frozen = split and k > 0
+            for p in self._head_params if frozen else ():
+                p.requires_grad_(False)
+            try:
+                loss, parts, zs = self.world_model_loss(batch, tg)
+                loss.backward()
+            finally:
+                for p in self._head_params if frozen else ():
+                    p.requires_grad_(True)
             # Clipping is a uniform scale of the gradient, so clipping each pass's gradient
             # equals clipping the SAM gradient; the ascent direction g/|g| is unchanged by it.
+            # (encoder_dynamics: the heads' gradient is clipped as in the plain step, the
+            # encoder+dynamics SAM gradient by its own norm.)
             norm = torch.nn.utils.clip_grad_norm_(self._wm_params, cfg.grad_clip_norm,
                                                   foreach=True)  # fmt: skip
             if k == 0:
                 first.update(parts, zs=zs.detach(), grad_norm=norm)
             if split:
-                # The heads take a plain step with their first-pass (clipped) gradient. Without
-                # a gradient during the ascent passes they are not perturbed, and the perturbed
-                # passes' head gradients are dropped.
                 if k == 0:
                     head_grads.extend(p.grad for p in self._head_params)
                 for p, g in zip(self._head_params, head_grads, strict=True):

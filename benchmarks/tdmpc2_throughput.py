@@ -1,0 +1,162 @@
+"""TD-MPC2 throughput: updates/s and MPPI acts/s, Adam vs SAM, with the fraction of peak matmul.
+
+Prints one JSON object. Peak fp32 matmul FLOP/s is measured in the same process at TD-MPC2's
+layer shapes; the FLOPs of an update and of a plan are counted by FlopCounterMode (matmuls,
+bmm, convs), so ``frac_peak`` says how much of the time goes to useful matrix work.
+
+    python benchmarks/tdmpc2_throughput.py                 # 1M and 5M, CPU (+CUDA if present)
+    python benchmarks/tdmpc2_throughput.py --sizes 1 --threads 1 --repeats 5
+
+Published TD-MPC2 reference (this 2-core CPU): 1M 264 ms/update, 322 ms/act; 5M 767 ms/update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from flatworld import optim
+from flatworld.agents.tdmpc2 import TDMPC2Config, make
+
+PUBLISHED_MS = {1: {"update": 264.0, "act": 322.0}, 5: {"update": 767.0}}
+OBS_DIM, ACTION_DIM = 24, 6  # walker-walk
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_matmul_flops(device: torch.device, seconds: float = 1.0) -> float:
+    """Best fp32 matmul FLOP/s over TD-MPC2's layer shapes (batch 256..1536, width 384..512)."""
+    best = 0.0
+    shapes = ((256, 512, 512), (768, 512, 512), (1536, 512, 512), (768, 384, 384))
+    for m, k, n in 3 * shapes:  # a peak: the best of three rounds, robust to a busy moment
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+        for _ in range(3):
+            a @ b
+        reps, t = 0, time.perf_counter()
+        _sync(device)
+        while time.perf_counter() - t < seconds / 12:
+            a @ b
+            reps += 1
+        _sync(device)
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
+    return best
+
+
+def batch(cfg: TDMPC2Config, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    h, b = cfg.horizon, cfg.batch_size
+    out = {"obs": torch.randn(h + 1, b, OBS_DIM, generator=g),
+           "action": torch.rand(h, b, ACTION_DIM, generator=g) * 2 - 1,
+           "reward": torch.rand(h, b, 1, generator=g),
+           "terminated": torch.zeros(h, b, 1)}  # fmt: skip
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def flops_of(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def timed(fn, n: int, repeats: int, device: torch.device) -> tuple[float, float]:
+    """Medians over ``repeats`` of the wall and process-CPU seconds per call (``n`` calls).
+
+    On a shared CPU the wall time counts other processes' time slices; the CPU time does not
+    (with one thread it is the wall time an idle machine would show, cache effects aside).
+    """
+    wall, cpu = [], []
+    for _ in range(repeats):
+        _sync(device)
+        t, c = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            fn()
+        _sync(device)
+        wall.append((time.perf_counter() - t) / n)
+        cpu.append((time.process_time() - c) / n)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def bench_size(size: int, device: torch.device, args: argparse.Namespace) -> dict:
+    res: dict = {}
+    obs = np.random.default_rng(0).normal(size=OBS_DIM).astype(np.float32)
+    sam = optim.SamSpec(rho=0.05)
+    for name, spec, scope in (("adam", None, "all"), ("sam", sam, "all"),
+                              ("sam_encoder_dynamics", sam, "encoder_dynamics")):  # fmt: skip
+        torch.manual_seed(0)
+        cfg = TDMPC2Config(model_size=size, wm_optim=optim.OptimSpec(sam=spec), sam_scope=scope)
+        agent = make(cfg, obs_shape=(OBS_DIM,), action_dim=ACTION_DIM, episode_length=1000,
+                     device=device)  # fmt: skip
+        b = batch(cfg, device)
+        for _ in range(2):
+            agent.update(b)
+        sec, cpu = timed(lambda: agent.update(b), args.updates, args.repeats, device)  # noqa: B023
+        fl = flops_of(lambda: agent.update(b))  # noqa: B023
+        res[name] = {"update_ms": 1e3 * sec, "updates_per_s": 1 / sec, "update_cpu_ms": 1e3 * cpu,
+                     "update_gflop": fl / 1e9}  # fmt: skip
+        if name == "adam":
+            agent.act(obs, t0=True, eval_mode=False)
+            sec, cpu = timed(lambda: agent.act(obs, t0=False, eval_mode=False),  # noqa: B023
+                             args.acts, args.repeats, device)  # fmt: skip
+            fl = flops_of(lambda: agent.act(obs, t0=False, eval_mode=False))  # noqa: B023
+            res["act_ms"], res["acts_per_s"], res["act_cpu_ms"] = 1e3 * sec, 1 / sec, 1e3 * cpu
+            res["act_gflop"] = fl / 1e9
+        res["params_m"] = sum(p.numel() for p in agent.model.parameters() if p.requires_grad) / 1e6
+    res["sam_over_adam_update"] = res["sam"]["update_ms"] / res["adam"]["update_ms"]
+    res["sam_over_adam_update_cpu"] = res["sam"]["update_cpu_ms"] / res["adam"]["update_cpu_ms"]
+    res["sam_ed_over_adam_update"] = (res["sam_encoder_dynamics"]["update_ms"]
+                                      / res["adam"]["update_ms"])  # fmt: skip
+    if device.type == "cpu" and size in PUBLISHED_MS:
+        pub = PUBLISHED_MS[size]
+        res["speedup_vs_published_update"] = pub["update"] / res["adam"]["update_ms"]
+        if "act" in pub:
+            res["speedup_vs_published_act"] = pub["act"] / res["act_ms"]
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--updates", type=int, default=5, help="timed updates per repeat")
+    p.add_argument("--acts", type=int, default=5, help="timed acts per repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda if present")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    out: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "results": {}}
+    for dev in devices:
+        device = torch.device(dev)
+        peak = peak_matmul_flops(device)
+        r: dict = {f"{size}M": bench_size(size, device, args) for size in args.sizes}
+        # Measured before and after: a busy moment on a shared CPU cannot pass for the peak.
+        peak = max(peak, peak_matmul_flops(device))
+        for res in r.values():
+            res["act_frac_peak"] = res["act_gflop"] / res["act_ms"] / (peak / 1e12)
+            for v in res.values():
+                if isinstance(v, dict):
+                    v["update_frac_peak"] = v["update_gflop"] / v["update_ms"] / (peak / 1e12)
+        out["results"][dev] = {"peak_matmul_gflops": peak / 1e9, **r}
+    print(json.dumps(_rounded(out), indent=1))
+
+
+def _rounded(x):
+    if isinstance(x, float):
+        return round(x, 4)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    return x
+
+
+if __name__ == "__main__":
+    main()
