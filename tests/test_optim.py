@@ -12,7 +12,6 @@ from flatworld import optim
 from flatworld.optim import SAM, EveryK, LatePhase, OptimSpec, RhoSchedule, SamSpec
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     """Closed forms compare at float64; restore the default so other test files see float32."""

@@ -141,7 +141,8 @@ class FakeAgent:
 
     horizon, batch_size, discount = 3, 8, 0.9
 
-    def __init__(self, cfg: FakeConfig, obs_shape, action_dim, episode_length, device):
+    def __init__(self, cfg: FakeConfig, obs_shape, action_dim, episode_length, device,
+                 total_steps=None):
         self.cfg, self.device = cfg, device
         self.W = torch.randn(action_dim, obs_shape[0]) * 0.1
         self.v = torch.zeros(obs_shape[0])

@@ -170,13 +170,16 @@ class _Loop:
         self.episode_length = episode_length(self.env)
         obs_space, act_space = self.env.observation_space, self.env.action_space
         self.action_dim = int(np.prod(act_space.shape))
-        self.agent: Agent = _entry(agent_name).make(
-            agent_cfg, obs_shape=tuple(obs_space.shape), action_dim=self.action_dim,
-            episode_length=self.episode_length, device=cfg.device,
-        )  # fmt: skip
         self.seed_steps = (
             cfg.seed_steps if cfg.seed_steps is not None else max(1000, 5 * self.episode_length)
         )
+        # total_steps counts updates (one per step after seeding): late-phase SAM places its
+        # start from it.
+        self.agent: Agent = _entry(agent_name).make(
+            agent_cfg, obs_shape=tuple(obs_space.shape), action_dim=self.action_dim,
+            episode_length=self.episode_length, device=cfg.device,
+            total_steps=max(cfg.steps - self.seed_steps, 1),
+        )  # fmt: skip
         # One row per step plus one per episode start; a run of many short episodes overflows
         # and forgets its oldest rows, which is the ring buffer's ordinary behaviour.
         n = (cfg.buffer_size or cfg.steps) if replay else 1  # evaluate() needs no replay
