@@ -56,7 +56,10 @@ def _given(args: argparse.Namespace, prefix: str, names: list[str]) -> dict[str,
 def _demo(args: argparse.Namespace) -> None:
     from flatworld import demo
 
-    demo.run(Path(args.out), steps=args.steps, seed=args.seed)
+    if args.classifier:
+        demo.classifier(Path(args.out), steps=args.steps or 1500, seed=args.seed)
+    else:
+        demo.flagship(Path(args.out), env=args.env, steps=args.steps or 2500, seed=args.seed)
 
 
 def _study(args: argparse.Namespace) -> None:
@@ -122,10 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flatworld", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="AdamW vs SAM on a small network: accuracy, sharpness, plot")
+    p = sub.add_parser("demo", help="TD-MPC2 with Adam vs SAM on a small DMC task (~10 min); "
+                                     "--classifier: AdamW vs SAM on digits (seconds)")
+    p.add_argument("--classifier", action="store_true")
+    p.add_argument("--env", default="dmc/cartpole-swingup")
     p.add_argument("--out", default="runs-demo")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("study", help="run one of the flat-minima studies (no NAME: list them)")

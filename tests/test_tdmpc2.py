@@ -15,13 +15,7 @@ OBS, ACT, H, B = 10, 3, 3, 16
 SAM = optim.SamSpec(rho=0.1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: intra-op threads only add synchronisation, badly so on a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> TDMPC2Config:

@@ -100,11 +100,17 @@ class GymAdapter(gym.Wrapper):
 
 
 def make_gym(env_id: str, seed: int, action_repeat: int = 1, **kwargs: Any) -> GymAdapter:
+    return _make_registered("gym", env_id, gym_ids() or list(gym.envs.registry), seed,
+                            action_repeat, kwargs)
+
+
+def _make_registered(suite: str, env_id: str, known: list[str], seed: int, action_repeat: int,
+                     kwargs: dict[str, Any]) -> GymAdapter:
     if env_id not in gym.envs.registry:
-        close = difflib.get_close_matches(env_id, gym_ids() or list(gym.envs.registry), n=5)
+        close = difflib.get_close_matches(env_id, known, n=5)
         raise ValueError(
-            f"unknown env id 'gym/{env_id}'; close matches: "
-            f"{['gym/' + c for c in close] or 'none'} (flatworld.envs.list_envs())"
+            f"unknown env id '{suite}/{env_id}'; close matches: "
+            f"{[f'{suite}/{c}' for c in close] or 'none'} (flatworld.envs.list_envs())"
         )
     env = GymAdapter(gym.make(env_id, **kwargs), action_repeat=action_repeat)
     env.reset(seed=seed)
@@ -120,13 +126,5 @@ def make_humanoidbench(env_id: str, seed: int, action_repeat: int = 1, **kwargs:
             f"'humanoidbench/{env_id}' needs the humanoid_bench package ({e}).\n"
             + HUMANOIDBENCH_INSTALL
         ) from e
-    if env_id not in gym.envs.registry:
-        close = difflib.get_close_matches(env_id, humanoidbench_ids(), n=5)
-        raise ValueError(
-            f"unknown env id 'humanoidbench/{env_id}'; close matches: "
-            f"{['humanoidbench/' + c for c in close] or 'none'}"
-        )
-    env = GymAdapter(gym.make(env_id, **kwargs), action_repeat=action_repeat)
-    env.reset(seed=seed)
-    env.action_space.seed(seed)
-    return env
+    return _make_registered("humanoidbench", env_id, humanoidbench_ids(), seed, action_repeat,
+                            kwargs)

@@ -18,8 +18,12 @@ OPTIMIZERS = ("adam", "sam")
 
 
 def _one(job: dict[str, Any]) -> str:
+    import torch
+
     from flatworld import runs
 
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
     run_dir = Path(job["run"].run_dir)
     if (run_dir / "config.yaml").exists():
         return str(runs.resume(run_dir, progress=job["progress"]))
@@ -46,11 +50,17 @@ def jobs(out: Path, agent: str, agent_cfg: Any, run_cfg: Any, seeds: list[int],
 
 def sweep(out: str | Path, agent: str, agent_cfg: Any, run_cfg: Any, seeds: list[int],
           optimizers: tuple[str, ...] = OPTIMIZERS, rho: float = 0.05, workers: int = 1,
-          backend: str = "local") -> list[Path]:
-    """Run every (optimizer, seed) pair into ``out/<optimizer>-s<seed>``; returns the folders."""
+          backend: str = "local", threads: int | None = None) -> list[Path]:
+    """Run every (optimizer, seed) pair into ``out/<optimizer>-s<seed>``; returns the folders.
+
+    With several local workers each run gets one torch thread unless ``threads`` says
+    otherwise: runs side by side on a small machine are slower with more threads each.
+    """
     out = Path(out)
     todo = jobs(out, agent, agent_cfg, run_cfg, seeds, list(optimizers), rho,
                 progress=workers == 1 and backend == "local")
+    for job in todo:
+        job["threads"] = threads if threads is not None else (1 if workers > 1 else None)
     if backend == "ray":
         import ray
 
