@@ -88,7 +88,7 @@ def flagship(out_dir: Path = Path("runs-demo"), env: str = "dmc/cartpole-swingup
     from flatworld.runs.logger import read_metrics
 
     seed_steps = min(1000, steps // 2)
-    every = max(100, (steps // 5) // 100 * 100)
+    every = max(100, (steps // 4) // 100 * 100)  # evaluations cost as much as training
     run_cfg = RunConfig(env=env, steps=steps, seed_steps=seed_steps, eval_every=every,
                         eval_episodes=1, diag_every=every, log_every=100,
                         checkpoint_every=every, tensorboard=True).validate()

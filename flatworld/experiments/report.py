@@ -114,6 +114,7 @@ def _plot(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.3))
     for ax, (column, (title, _)) in zip(axes, METRICS.items(), strict=True):
+        positive = True
         for label, runs in sorted(groups.items()):
             curves = [_curve(r["rows"], column) for r in runs]
             curves = [c for c in curves if len(c[0])]
@@ -123,10 +124,13 @@ def _plot(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
             xs = curves[0][0][:n]
             ys = np.stack([c[1][:n] for c in curves])
             mean = ys.mean(0)
+            positive &= bool((ys > 0).all())
             line, = ax.plot(xs, mean, label=label)
             if len(curves) > 1:
                 ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())
         ax.set(title=title, xlabel="environment steps")
+        if column in ("wm_sharpness", "model_error") and ax.has_data() and positive:
+            ax.set_yscale("log")  # these fall by orders of magnitude early in training
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
