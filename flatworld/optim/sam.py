@@ -295,10 +295,11 @@ class SAM(torch.optim.Optimizer):
             with torch.no_grad():
                 torch._foreach_copy_(self._perturbed, self._saved)
                 self._perturbed = []
-                for i, p in enumerate(params):
-                    if p.grad is not None:
-                        acc[i].add_(p.grad, alpha=w)
-                        has_grad[i] = True
+                live = [i for i, p in enumerate(params) if p.grad is not None]
+                torch._foreach_add_([acc[i] for i in live], [params[i].grad for i in live],
+                                    alpha=w)
+                for i in live:
+                    has_grad[i] = True
         with torch.no_grad():
             for p, a, h in zip(params, acc, has_grad, strict=True):
                 p.grad = a if h else None
@@ -330,10 +331,15 @@ class SAM(torch.optim.Optimizer):
         self._perturbed = params
         self._scales = None
         if self.adaptive:
-            ones = [torch.ones_like(p) for p in params]
-            scaled = [p.detach().abs().add(self.eta) for p in params]
-            self._scales = [s if self.adaptive_filter(p) else o
-                            for s, o, p in zip(scaled, ones, params, strict=True)]
+            with torch.no_grad():
+                scales = torch._foreach_abs(params)
+                torch._foreach_add_(scales, self.eta)
+                unscaled = [t for t, p in zip(scales, params, strict=True)
+                            if not self.adaptive_filter(p)]
+                if unscaled:  # biases and norm gains: T = 1
+                    torch._foreach_zero_(unscaled)
+                    torch._foreach_add_(unscaled, 1.0)
+            self._scales = scales
         reuse = isinstance(self.schedule, EveryK) and self.schedule.reuse_grad
         self._first_grads = [torch.empty_like(p) for p in params] if reuse else None
 
