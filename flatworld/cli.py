@@ -59,7 +59,7 @@ def _demo(args: argparse.Namespace) -> None:
     if args.classifier:
         demo.classifier(Path(args.out), steps=args.steps or 1500, seed=args.seed)
     else:
-        demo.flagship(Path(args.out), env=args.env, steps=args.steps or 2500, seed=args.seed)
+        demo.flagship(Path(args.out), env=args.env, steps=args.steps or 2200, seed=args.seed)
 
 
 def _study(args: argparse.Namespace) -> None:

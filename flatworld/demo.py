@@ -75,7 +75,7 @@ def train_classifier(spec: optim.OptimSpec, steps: int, seed: int, label: str) -
 
 
 def flagship(out_dir: Path = Path("runs-demo"), env: str = "dmc/cartpole-swingup",
-             steps: int = 2500, seed: int = 1, rho: float = 0.05) -> Path:
+             steps: int = 2200, seed: int = 1, rho: float = 0.05) -> Path:
     """TD-MPC2 (1M model) with Adam and with SAM; returns the report's path."""
     import dataclasses
     import time
