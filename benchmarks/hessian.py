@@ -197,37 +197,28 @@ def main() -> None:
     def med(key: str) -> float:
         return statistics.median(row[key] for row in rows)
 
+    def versus(ours: str, label: str, kind: str) -> dict:
+        """One library's medians against PyHessian's for kind 'eig' or 'trace'."""
+        mine, theirs = med(f"{ours}_{kind}"), med(f"ph_{kind}")
+        return {label: mine, "pyhessian": theirs, "rel_diff": abs(mine - theirs) / abs(theirs),
+                f"{label}_s": med(f"{ours}_{kind}_s"), "pyhessian_s": med(f"ph_{kind}_s"),
+                "speedup_median": statistics.median(
+                    r[f"ph_{kind}_s"] / r[f"{ours}_{kind}_s"] for r in rows)}
+
     same = {
         "iters": args.iters, "samples": args.samples, "repeats": args.repeats,
         "hvps_equal": all(r["fw_eig_hvps"] == r["ph_eig_hvps"] == args.iters
                           and r["fw_trace_hvps"] == r["ph_trace_hvps"] == args.samples
                           for r in rows),
-        "lambda_max": {"flatworld": med("fw_eig"), "pyhessian": med("ph_eig"),
-                       "rel_diff": abs(med("fw_eig") - med("ph_eig")) / abs(med("ph_eig")),
-                       "flatworld_s": med("fw_eig_s"), "pyhessian_s": med("ph_eig_s"),
-                       "speedup_median": statistics.median(
-                           r["ph_eig_s"] / r["fw_eig_s"] for r in rows)},
-        "trace": {"flatworld": med("fw_trace"), "pyhessian": med("ph_trace"),
-                  "flatworld_stderr": med("fw_trace_stderr"),
-                  "rel_diff": abs(med("fw_trace") - med("ph_trace")) / abs(med("ph_trace")),
-                  "flatworld_s": med("fw_trace_s"), "pyhessian_s": med("ph_trace_s"),
-                  "speedup_median": statistics.median(
-                      r["ph_trace_s"] / r["fw_trace_s"] for r in rows)},
-    }
-
-    same["fd"] = {
-        "hvps_equal": all(r["fd_eig_hvps"] == args.iters and r["fd_trace_hvps"] == args.samples
-                          for r in rows),
-        "lambda_max": {"flatworld_fd": med("fd_eig"), "pyhessian": med("ph_eig"),
-                       "rel_diff": abs(med("fd_eig") - med("ph_eig")) / abs(med("ph_eig")),
-                       "flatworld_fd_s": med("fd_eig_s"), "pyhessian_s": med("ph_eig_s"),
-                       "speedup_median": statistics.median(
-                           r["ph_eig_s"] / r["fd_eig_s"] for r in rows)},
-        "trace": {"flatworld_fd": med("fd_trace"), "pyhessian": med("ph_trace"),
-                  "rel_diff": abs(med("fd_trace") - med("ph_trace")) / abs(med("ph_trace")),
-                  "flatworld_fd_s": med("fd_trace_s"), "pyhessian_s": med("ph_trace_s"),
-                  "speedup_median": statistics.median(
-                      r["ph_trace_s"] / r["fd_trace_s"] for r in rows)},
+        "lambda_max": versus("fw", "flatworld", "eig"),
+        "trace": {**versus("fw", "flatworld", "trace"),
+                  "flatworld_stderr": med("fw_trace_stderr")},
+        "fd": {
+            "hvps_equal": all(r["fd_eig_hvps"] == args.iters
+                              and r["fd_trace_hvps"] == args.samples for r in rows),
+            "lambda_max": versus("fd", "flatworld_fd", "eig"),
+            "trace": versus("fd", "flatworld_fd", "trace"),
+        },
     }
 
     log(f"equal accuracy: reference by Lanczos ({args.ref_iters} products, tol 1e-7) ...")

@@ -83,7 +83,7 @@ def flagship(out_dir: Path = Path("runs-demo"), env: str = "dmc/cartpole-swingup
 
     from flatworld.agents.tdmpc2 import TDMPC2Config
     from flatworld.experiments import report
-    from flatworld.experiments.sweep import _one, jobs
+    from flatworld.experiments.sweep import jobs, run_job
     from flatworld.runs import RunConfig
     from flatworld.runs.logger import read_metrics
 
@@ -103,7 +103,7 @@ def flagship(out_dir: Path = Path("runs-demo"), env: str = "dmc/cartpole-swingup
     print(f"TD-MPC2 on {env}: Adam and SAM(rho={rho}), {steps} steps each, into {out_dir}/")
     with ProcessPoolExecutor(len(todo)) as pool, tqdm(total=steps * len(todo),
                                                       unit="step") as bar:
-        futures = [pool.submit(_one, j) for j in todo]
+        futures = [pool.submit(run_job, j) for j in todo]
         while not all(f.done() for f in futures):
             time.sleep(2)
             done, returns = 0, []

@@ -365,8 +365,6 @@ def test_every_k_with_gradient_reuse():
         pattern.append(len(calls) - n0)
     assert pattern == [2, 1, 1, 2, 1, 1]
     # A reuse step adds the stored correction g_sam - g to its own gradient.
-    corr = [c.clone() for c in sam._correction]
-    before = [p.detach().clone() for p in model.parameters()]
     sam.zero_grad()
     sam.step(mse_closure(model, x, y))  # step 6 is SAM; step 7 reuses
     corr = [c.clone() for c in sam._correction]

@@ -17,7 +17,7 @@ from flatworld import optim
 OPTIMIZERS = ("adam", "sam")
 
 
-def _one(job: dict[str, Any]) -> str:
+def run_job(job: dict[str, Any]) -> str:
     import torch
 
     from flatworld import runs
@@ -65,11 +65,11 @@ def sweep(out: str | Path, agent: str, agent_cfg: Any, run_cfg: Any, seeds: list
         import ray
 
         ray.init(ignore_reinit_error=True)
-        remote = ray.remote(num_cpus=1)(_one)
+        remote = ray.remote(num_cpus=1)(run_job)
         return [Path(p) for p in ray.get([remote.remote(j) for j in todo])]
     if backend != "local":
         raise ValueError(f"backend={backend!r}; accepted: 'local', 'ray'")
     if workers == 1:
-        return [Path(_one(j)) for j in todo]
+        return [Path(run_job(j)) for j in todo]
     with ProcessPoolExecutor(workers) as pool:
-        return [Path(p) for p in pool.map(_one, todo)]
+        return [Path(p) for p in pool.map(run_job, todo)]
