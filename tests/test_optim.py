@@ -367,7 +367,8 @@ def test_every_k_with_gradient_reuse():
     # A reuse step adds the stored correction g_sam - g to its own gradient.
     sam.zero_grad()
     sam.step(mse_closure(model, x, y))  # step 6 is SAM; step 7 reuses
-    corr = [c.clone() for c in sam._correction]
+    n = len(list(model.parameters()))
+    corr = [sam._correction[i].clone() for i in range(n)]
     before = [p.detach().clone() for p in model.parameters()]
     probe = copy.deepcopy(model)
     mse_closure(probe, x, y)()

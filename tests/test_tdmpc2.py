@@ -197,6 +197,24 @@ def test_encoder_dynamics_scope_heads_take_plain_first_pass_step(clip, ascent_st
     assert not same(runs["sam_all"][1], runs["plain"][1])
 
 
+def test_gradient_reuse_reaches_encoder_dynamics_scope():
+    """EveryK reuse: the plain step adds the last SAM correction to exactly the parameters
+    SAM perturbed; with encoder_dynamics scope the heads are not among them."""
+    batch = synthetic_batch()
+    runs = {}
+    for reuse in (True, False):
+        spec = optim.SamSpec(rho=0.1, when="every", every=2, reuse_grad=reuse)
+        agent = make_agent(wm_optim=optim.OptimSpec(sam=spec), sam_scope="encoder_dynamics")
+        torch.manual_seed(5)
+        passes = [agent.update(batch)["sam_passes"] for _ in range(2)]
+        assert passes == [2.0, 1.0]
+        m = agent.model
+        runs[reuse] = (params(agent, m.encoder) + params(agent, m.dynamics),
+                       [p.detach().clone() for p in m.head_parameters()])  # fmt: skip
+    assert not same(runs[True][0], runs[False][0])
+    assert same(runs[True][1], runs[False][1])
+
+
 def test_episodic_and_rgb_variants_update():
     agent = make_agent(episodic=True)
     m = agent.update(synthetic_batch(terminated=True))

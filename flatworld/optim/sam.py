@@ -123,7 +123,9 @@ class SAM(torch.optim.Optimizer):
         self._scales: list[Tensor] | None = None  # T_w per perturbed param (ASAM)
         self._z: list[Tensor] = []  # perturbation in T-scaled coordinates (n-step)
         self._first_grads: list[Tensor] | None = None
-        self._correction: list[Tensor] | None = None  # g_sam - g, for EveryK reuse
+        # g_sam - g for EveryK reuse, keyed by the parameter's position in param_groups: a
+        # plain step may hold gradients for more parameters than the SAM step perturbed.
+        self._correction: dict[int, Tensor] | None = None
         self._nonfinite: list[Tensor] = []  # flags gathered over a step, read once
 
     # ---- the torch.optim contract -------------------------------------------------
@@ -158,7 +160,7 @@ class SAM(torch.optim.Optimizer):
         self.skipped_steps = int(sam["skipped_steps"])
         self._scale_growth = int(sam["scale_growth"])
         corr = sam.get("correction")
-        self._correction = None if corr is None else [c.clone() for c in corr]
+        self._correction = None if corr is None else {int(i): c.clone() for i, c in corr.items()}
 
     def __repr__(self) -> str:
         return (
@@ -178,7 +180,10 @@ class SAM(torch.optim.Optimizer):
         return self.rho_schedule.at(self.steps_taken, float(self.param_groups[0]["lr"]))
 
     def _params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return [p for p in self._all_params() if p.grad is not None]
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
 
     # ---- explicit control ---------------------------------------------------------
     @torch.no_grad()
@@ -240,7 +245,10 @@ class SAM(torch.optim.Optimizer):
             self._nonfinite.append(~torch.isfinite(loss.detach()).all())
         torch._foreach_copy_(self._perturbed, self._saved)
         if self._first_grads is not None and len(grads) == len(self._perturbed):
-            self._correction = torch._foreach_sub(grads, self._first_grads)
+            position = {id(p): i for i, p in enumerate(self._all_params())}
+            diffs = torch._foreach_sub(grads, self._first_grads)
+            self._correction = {position[id(p)]: d
+                                for p, d in zip(self._perturbed, diffs, strict=True)}
         self._perturbed = []
         return self._finish()
 
@@ -282,7 +290,7 @@ class SAM(torch.optim.Optimizer):
     def _m_sharpness_step(self, closure: Callable[[Any], Tensor], batch: Any) -> Tensor:
         chunks = _split(batch, self.m)  # type: ignore[arg-type]
         total = sum(_batch_len(c) for c in chunks)
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._all_params()
         acc = [torch.zeros_like(p) for p in params]
         has_grad = [False] * len(params)
         loss_sum = torch.zeros(())
@@ -314,8 +322,13 @@ class SAM(torch.optim.Optimizer):
             self._unscale(grads)
             self._nonfinite.append(~torch.isfinite(loss.detach()).all())
             reuse = isinstance(self.schedule, EveryK) and self.schedule.reuse_grad
-            if reuse and self._correction is not None and len(grads) == len(self._correction):
-                torch._foreach_add_(grads, self._correction)
+            if reuse and self._correction is not None:
+                live = [i for i, p in enumerate(self._all_params())
+                        if p.grad is not None and i in self._correction]
+                if live:
+                    params = self._all_params()
+                    torch._foreach_add_([params[i].grad for i in live],
+                                        [self._correction[i] for i in live])
             self._finish()
         return loss.detach()
 
