@@ -85,16 +85,44 @@ def timed(fn, n: int, repeats: int, device: torch.device) -> tuple[float, float]
     return statistics.median(wall), statistics.median(cpu)
 
 
+def evaluate_every_q_head(agent) -> None:
+    """Counterfactual: the published code runs all Q heads and then picks the two it uses
+    (targets and the policy's Q); flatworld runs only those two. Same values, more work."""
+    run = agent.model.q_logits
+
+    def q_logits(z, a, target=False, detach=False, idx=None):
+        out = run(z, a, target, detach)
+        return out if idx is None else out[idx]
+
+    agent.model.q_logits = q_logits
+
+
+def world_model_pass(agent, b: dict[str, torch.Tensor]):
+    """One forward+backward of the world-model loss: what exact SAM adds to an update."""
+    tg = agent.targets(b)
+
+    def one_pass() -> None:
+        agent.world_model_loss(b, tg)[0].backward()
+        agent.wm_optim.zero_grad(set_to_none=True)
+
+    return one_pass
+
+
 def bench_size(size: int, device: torch.device, args: argparse.Namespace) -> dict:
     res: dict = {}
     obs = np.random.default_rng(0).normal(size=OBS_DIM).astype(np.float32)
     sam = optim.SamSpec(rho=0.05)
-    for name, spec, scope in (("adam", None, "all"), ("sam", sam, "all"),
-                              ("sam_encoder_dynamics", sam, "encoder_dynamics")):  # fmt: skip
+    variants = [("adam", None, "all"), ("sam", sam, "all"),
+                ("sam_encoder_dynamics", sam, "encoder_dynamics")]  # fmt: skip
+    if args.published_q:
+        variants += [("adam_every_q_head", None, "all"), ("sam_every_q_head", sam, "all")]
+    for name, spec, scope in variants:
         torch.manual_seed(0)
         cfg = TDMPC2Config(model_size=size, wm_optim=optim.OptimSpec(sam=spec), sam_scope=scope)
         agent = make(cfg, obs_shape=(OBS_DIM,), action_dim=ACTION_DIM, episode_length=1000,
                      device=device)  # fmt: skip
+        if name.endswith("every_q_head"):
+            evaluate_every_q_head(agent)
         b = batch(cfg, device)
         for _ in range(2):
             agent.update(b)
@@ -103,6 +131,11 @@ def bench_size(size: int, device: torch.device, args: argparse.Namespace) -> dic
         res[name] = {"update_ms": 1e3 * sec, "updates_per_s": 1 / sec, "update_cpu_ms": 1e3 * cpu,
                      "update_gflop": fl / 1e9}  # fmt: skip
         if name == "adam":
+            agent.model.train()
+            one_pass = world_model_pass(agent, b)
+            sec, _ = timed(one_pass, args.updates, args.repeats, device)
+            res["wm_pass_ms"], res["wm_pass_gflop"] = 1e3 * sec, flops_of(one_pass) / 1e9
+            agent.model.eval()
             agent.act(obs, t0=True, eval_mode=False)
             sec, cpu = timed(lambda: agent.act(obs, t0=False, eval_mode=False),  # noqa: B023
                              args.acts, args.repeats, device)  # fmt: skip
@@ -114,6 +147,13 @@ def bench_size(size: int, device: torch.device, args: argparse.Namespace) -> dic
     res["sam_over_adam_update_cpu"] = res["sam"]["update_cpu_ms"] / res["adam"]["update_cpu_ms"]
     res["sam_ed_over_adam_update"] = (res["sam_encoder_dynamics"]["update_ms"]
                                       / res["adam"]["update_ms"])  # fmt: skip
+    # Exact SAM adds one world-model forward+backward; 1.0 here means no overhead beyond it.
+    res["sam_extra_over_wm_pass"] = ((res["sam"]["update_ms"] - res["adam"]["update_ms"])
+                                     / res["wm_pass_ms"])  # fmt: skip
+    res["sam_over_adam_flops"] = res["sam"]["update_gflop"] / res["adam"]["update_gflop"]
+    if args.published_q:
+        res["sam_over_adam_update_every_q_head"] = (res["sam_every_q_head"]["update_ms"]
+                                                    / res["adam_every_q_head"]["update_ms"])
     if device.type == "cpu" and size in PUBLISHED_MS:
         pub = PUBLISHED_MS[size]
         res["speedup_vs_published_update"] = pub["update"] / res["adam"]["update_ms"]
@@ -130,6 +170,8 @@ def main() -> None:
     p.add_argument("--acts", type=int, default=5, help="timed acts per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda if present")
+    p.add_argument("--published-q", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time updates that run every Q head as the published code does")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
