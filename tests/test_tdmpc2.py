@@ -172,6 +172,22 @@ def test_sam_changes_world_model_step_not_policy_path(monkeypatch):
     assert same(params(a, a.model.pi_net), params(b, b.model.pi_net))
 
 
+@pytest.mark.parametrize("scope", ["all", "encoder_dynamics"])
+def test_sam_with_zero_radius_is_adam_bit_for_bit(scope):
+    """rho = 0: SAM's second pass sees the same weights and dropout masks as the first, so
+    every update (world model, policy, target) equals Adam's; anything else SAM did would
+    show here."""
+    batch = synthetic_batch()
+    runs = []
+    for sam in (None, optim.SamSpec(rho=0.0)):
+        agent = make_agent(wm_optim=optim.OptimSpec(sam=sam), sam_scope=scope)
+        torch.manual_seed(5)
+        losses = [agent.update(batch)["pi_loss"] for _ in range(3)]
+        runs.append((losses, agent.model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
+
+
 @pytest.mark.parametrize("clip, ascent_steps", [(20.0, 1), (1e-3, 1), (20.0, 2)])
 def test_encoder_dynamics_scope_heads_take_plain_first_pass_step(clip, ascent_steps):
     batch = synthetic_batch()
