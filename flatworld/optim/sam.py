@@ -323,10 +323,9 @@ class SAM(torch.optim.Optimizer):
             self._nonfinite.append(~torch.isfinite(loss.detach()).all())
             reuse = isinstance(self.schedule, EveryK) and self.schedule.reuse_grad
             if reuse and self._correction is not None:
-                live = [i for i, p in enumerate(self._all_params())
-                        if p.grad is not None and i in self._correction]
+                params = self._all_params()
+                live = [i for i in self._correction if params[i].grad is not None]
                 if live:
-                    params = self._all_params()
                     torch._foreach_add_([params[i].grad for i in live],
                                         [self._correction[i] for i in live])
             self._finish()
