@@ -64,7 +64,9 @@ def main() -> None:
             "final_return": [_final(r["rows"], "eval_return") for r in runs],
             "final_wm_sharpness": [_final(r["rows"], "wm_sharpness") for r in runs],
             "final_value_error": [_final(r["rows"], "value_error") for r in runs],
-            "steps_per_s": [_final(r["rows"], "sps") for r in runs],
+            # Over the whole run, evaluation and diagnostics included.
+            "steps_per_s": [_final(r["rows"], "step") / _final(r["rows"], "wall_s")
+                            for r in runs],  # fmt: skip
         }
     print(json.dumps(out, indent=1))
 
