@@ -23,8 +23,7 @@ def _model():
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+def _sam_step_under_ddp(rank: int) -> list[torch.Tensor]:
     ddp = nn.parallel.DistributedDataParallel(_model())
     sam = SAM(torch.optim.SGD(ddp.parameters(), lr=0.1), rho=0.1, no_sync=ddp.no_sync)
     x, y = _data(rank)
@@ -35,7 +34,16 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         return loss
 
     sam.step(closure)
-    torch.save([p.detach() for p in ddp.parameters()], os.path.join(out_dir, f"{rank}.pt"))
+    return [p.detach().clone() for p in ddp.parameters()]
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    params = _sam_step_under_ddp(rank)  # DDP is freed on return, before the group goes
+    torch.save(params, os.path.join(out_dir, f"{rank}.pt"))
+    # Gloo aborts (SIGABRT, about 1 run in 15) when one rank tears its group down while the
+    # other still has work in flight: wait for both first.
+    dist.barrier()
     dist.destroy_process_group()
 
 
