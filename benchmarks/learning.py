@@ -22,14 +22,8 @@ from pathlib import Path
 import torch
 
 from flatworld.agents.tdmpc2 import TDMPC2Config
-from flatworld.experiments import load_runs, report, sweep
+from flatworld.experiments import final_value, load_runs, report, sweep
 from flatworld.runs import RunConfig
-
-
-def _final(rows: list[dict[str, str]], column: str) -> float:
-    values = [float(r[column]) for r in rows if r.get(column) not in ("", None)]
-    values = [v for v in values if math.isfinite(v)]
-    return values[-1] if values else float("nan")
 
 
 def main() -> None:
@@ -61,11 +55,11 @@ def main() -> None:
     out = {"env": args.env, "steps": args.steps, "device": args.device, "report": str(path)}
     for label, runs in load_runs(dirs).items():
         out[label] = {
-            "final_return": [_final(r["rows"], "eval_return") for r in runs],
-            "final_wm_sharpness": [_final(r["rows"], "wm_sharpness") for r in runs],
-            "final_value_error": [_final(r["rows"], "value_error") for r in runs],
+            "final_return": [final_value(r, "eval_return") for r in runs],
+            "final_wm_sharpness": [final_value(r, "wm_sharpness") for r in runs],
+            "final_value_error": [final_value(r, "value_error") for r in runs],
             # Over the whole run, evaluation and diagnostics included.
-            "steps_per_s": [_final(r["rows"], "step") / _final(r["rows"], "wall_s")
+            "steps_per_s": [final_value(r, "step") / final_value(r, "wall_s")
                             for r in runs],  # fmt: skip
         }
     print(json.dumps(out, indent=1))

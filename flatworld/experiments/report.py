@@ -53,7 +53,8 @@ def load_runs(run_dirs: list[str | Path]) -> dict[str, list[dict[str, Any]]]:
     return dict(groups)
 
 
-def _final(run: dict[str, Any], column: str) -> float:
+def final_value(run: dict[str, Any], column: str) -> float:
+    """The last finite value of ``column`` in a run from ``load_runs`` (nan if none)."""
     _, ys = _curve(run["rows"], column)
     return float(ys[-1]) if len(ys) else float("nan")
 
@@ -93,8 +94,8 @@ def report(run_dirs: list[str | Path], out: str | Path, title: str = "") -> Path
     lines = [f"# {title or 'flatworld report'}", "", f"Task: {', '.join(envs)}", "", head,
              "|" + "---|" * (len(METRICS) + 3)]
     for label, runs in sorted(groups.items()):
-        cells = [_aggregate(np.array([_final(r, c) for r in runs])) for c in METRICS]
-        returns = np.array([_final(r, "eval_return") for r in runs])
+        cells = [_aggregate(np.array([final_value(r, c) for r in runs])) for c in METRICS]
+        returns = np.array([final_value(r, "eval_return") for r in runs])
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) +
                      f" | {_iqm_ci(returns)} |")
     lines += ["", "Mean ± sample std over seeds of each run's last logged value; IQM over "
