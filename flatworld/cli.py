@@ -35,11 +35,20 @@ def _add_dataclass_flags(group: Any, cls: type, prefix: str, dest_prefix: str,
             continue
         name = prefix + (renamed or {}).get(f.name, f.name).replace("_", "-")
         dest = dest_prefix + f.name
+        default = f.default if f.default is not dataclasses.MISSING else "(computed)"
+        choices = f.metadata.get("choices")
+        # The accepted values and the default, in --help; the configs validate them again.
+        help_text = f.metadata.get("help") or f"default: {default}"
         if tp is bool:
             group.add_argument(f"--{name}", dest=dest, action=argparse.BooleanOptionalAction,
-                               default=None)
+                               default=None, help=help_text)
+        elif choices:
+            group.add_argument(f"--{name}", dest=dest, type=tp, default=None,
+                               choices=tuple(choices), help=help_text,
+                               metavar="{" + ",".join(map(str, choices)) + "}")
         else:
-            group.add_argument(f"--{name}", dest=dest, type=tp, default=None, metavar=tp.__name__)
+            group.add_argument(f"--{name}", dest=dest, type=tp, default=None,
+                               metavar=tp.__name__, help=help_text)
         added.append(f.name)
     return added
 
@@ -88,7 +97,10 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from flatworld.agents import AGENTS
 
     if args.resume:
-        print(f"run: {runs.resume(args.resume, progress=not args.no_progress)}")
+        try:
+            print(f"run: {runs.resume(args.resume, progress=not args.no_progress)}")
+        except (ValueError, OSError) as err:  # a run-level problem: one line, no traceback
+            parser.error(str(err))
         return
     if args.agent is None:
         parser.error(f"train needs an agent (one of {sorted(AGENTS)}) or --resume RUN_DIR")
@@ -112,7 +124,10 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         agent_cfg.validate()
     except (ValueError, TypeError) as err:
         parser.error(str(err))
-    print(f"run: {runs.train(run_cfg, args.agent, agent_cfg, progress=not args.no_progress)}")
+    try:
+        print(f"run: {runs.train(run_cfg, args.agent, agent_cfg, progress=not args.no_progress)}")
+    except (ValueError, OSError) as err:  # bad env, device or run folder: one line
+        parser.error(str(err))
 
 
 def _eval(args: argparse.Namespace) -> None:

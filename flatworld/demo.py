@@ -81,9 +81,9 @@ def flagship(out_dir: Path = Path("runs-demo"), env: str = "dmc/cartpole-swingup
     import time
     from concurrent.futures import ProcessPoolExecutor
 
+    from flatworld import optim
     from flatworld.agents.tdmpc2 import TDMPC2Config
     from flatworld.experiments import report
-    from flatworld.experiments.sweep import jobs, run_job
     from flatworld.runs import RunConfig
     from flatworld.runs.logger import read_metrics
 
@@ -95,15 +95,17 @@ def flagship(out_dir: Path = Path("runs-demo"), env: str = "dmc/cartpole-swingup
     # The 1M model and a lighter plan keep two runs inside ~10 minutes of a 2-core CPU.
     agent_cfg = dataclasses.replace(TDMPC2Config(), model_size=1, num_samples=256,
                                     num_elites=32, num_pi_trajs=16).validate()
-    todo = jobs(out_dir, "tdmpc2", agent_cfg, run_cfg, [seed], ["adam", "sam"], rho,
-                progress=False)
-    for job in todo:
-        job["threads"] = 1
-    dirs = [Path(j["run"].run_dir) for j in todo]
+    todo = []
+    for name, sam in (("adam", None), ("sam", optim.SamSpec(rho=rho))):
+        cfg = dataclasses.replace(agent_cfg,
+                                  wm_optim=dataclasses.replace(agent_cfg.wm_optim, sam=sam))
+        todo.append((dataclasses.replace(run_cfg, seed=seed,
+                                         run_dir=str(out_dir / f"{name}-s{seed}")), cfg))
+    dirs = [Path(r.run_dir) for r, _ in todo]
     print(f"TD-MPC2 on {env}: Adam and SAM(rho={rho}), {steps} steps each, into {out_dir}/")
     with ProcessPoolExecutor(len(todo)) as pool, tqdm(total=steps * len(todo),
                                                       unit="step") as bar:
-        futures = [pool.submit(run_job, j) for j in todo]
+        futures = [pool.submit(_run_one_thread, r, c) for r, c in todo]
         while not all(f.done() for f in futures):
             time.sleep(2)
             done, returns = 0, []
@@ -120,6 +122,15 @@ def flagship(out_dir: Path = Path("runs-demo"), env: str = "dmc/cartpole-swingup
     print(path.read_text().split("![curves]")[0])
     print(f"wrote {path} and {path.parent / 'curves.png'}")
     return path
+
+
+def _run_one_thread(run_cfg, agent_cfg) -> str:
+    """One demo run in a worker process: one thread (two runs share two cores), and it goes
+    on from its checkpoint when the same run was started before (another config: an error)."""
+    from flatworld import runs
+
+    torch.set_num_threads(1)
+    return str(runs.train_or_resume(run_cfg, "tdmpc2", agent_cfg, progress=False))
 
 
 def classifier(out_dir: Path = Path("runs-demo"), steps: int = 1500, seed: int = 0) -> Path:

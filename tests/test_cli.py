@@ -14,11 +14,12 @@ def run(argv, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "tdmpc2", "--obs", "pixels"], "obs='pixels'; accepted: one of ('state', 'rgb')"),
+    (["train", "tdmpc2", "--obs", "pixels"], "--obs: invalid choice: 'pixels'"),
     (["train", "tdmpc2", "--wm-optim", "sam", "--rho", "-1"], "sam.rho=-1.0; accepted: rho >= 0"),
     (["train", "tdmpc2", "--steps", "0"], "RunConfig.steps=0"),
     (["train", "tdmpc2", "--rho", "0.1"], "given with --wm-optim adam"),
     (["train", "tdmpc2", "--env", "nowhere"], "RunConfig.env='nowhere'"),
+    (["train", "tdmpc2", "--plan-action", "best"], "--plan-action: invalid choice: 'best'"),
     (["train", "dreamer"], "agent='dreamer'; accepted: ['tdmpc2']"),
     (["study", "nope"], "unknown study 'nope'"),
 ])

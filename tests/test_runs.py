@@ -7,7 +7,6 @@ import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from flatworld.agents import AgentEntry
 from flatworld.runs import ReplayBuffer, RunConfig, evaluate, from_dict, read_config, resume, train
 from flatworld.runs import loop as loop_mod
 from flatworld.runs.checkpoint import list_checkpoints, load_checkpoint
@@ -188,7 +188,7 @@ class FakeAgent:
 
 @pytest.fixture(autouse=True)
 def fake_registry(monkeypatch):
-    entry = SimpleNamespace(config_cls=FakeConfig, make=FakeAgent)
+    entry = AgentEntry(config_cls=FakeConfig, make=FakeAgent)
     monkeypatch.setattr(loop_mod, "_registry", lambda: {"fake": entry})
 
 
@@ -228,7 +228,7 @@ def reference(tmp_path_factory):
     mp.setattr(
         loop_mod,
         "_registry",
-        lambda: {"fake": SimpleNamespace(config_cls=FakeConfig, make=FakeAgent)},
+        lambda: {"fake": AgentEntry(config_cls=FakeConfig, make=FakeAgent)},
     )
     try:
         train(run_cfg(run_dir, tensorboard=True), "fake", FakeConfig(), progress=False)

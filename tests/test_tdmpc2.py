@@ -95,11 +95,24 @@ def test_planner_actions_in_bounds_and_warm_started(action_dim):
     assert np.all(np.abs(agent.act(obs, eval_mode=False)) <= 1.0)
 
 
-def test_planner_eval_returns_plan_mean():
-    agent = make_agent()
+def test_plan_action_mean_returns_the_plan_mean_in_eval():
+    agent = make_agent(plan_action="mean")
     obs = np.zeros(OBS, np.float32)
     a = agent.act(obs, t0=True, eval_mode=True)
     np.testing.assert_allclose(a, agent.planner.prev_mean[0].clamp(-1, 1).numpy())
+
+
+def test_elite_draw_follows_the_score():
+    from flatworld.agents.tdmpc2.planner import select_action
+
+    score = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    elites = torch.arange(4.0).view(1, 4, 1).expand(2, 4, 1) / 10  # elite e acts e / 10
+    mean, std = torch.zeros(2, 1), torch.ones(2, 1)
+    torch.manual_seed(0)
+    picks = torch.tensor([float(select_action("elite", mean, std, elites, score, True)) * 10
+                          for _ in range(4000)]).round().long()  # fmt: skip
+    freq = torch.bincount(picks, minlength=4).float() / 4000
+    assert torch.allclose(freq, score, atol=0.03), freq
 
 
 # ---- learning ------------------------------------------------------------------------------
@@ -109,7 +122,7 @@ def test_updates_lower_world_model_loss():
     before = agent.diagnostics(batch)["wm_loss"]
     for _ in range(200):
         m = agent.update(batch)
-    assert all(np.isfinite(v) for v in m.values())
+    assert all(np.isfinite(float(v)) for v in m.values())
     after = agent.diagnostics(batch)["wm_loss"]
     assert after < 0.5 * before, (before, after)
 
@@ -234,13 +247,13 @@ def test_gradient_reuse_reaches_encoder_dynamics_scope():
 def test_episodic_and_rgb_variants_update():
     agent = make_agent(episodic=True)
     m = agent.update(synthetic_batch(terminated=True))
-    assert "termination_loss" in m and np.isfinite(m["termination_loss"])
+    assert "termination_loss" in m and np.isfinite(float(m["termination_loss"]))
     assert np.abs(agent.act(np.zeros(OBS, np.float32), t0=True, eval_mode=False)).max() <= 1
     rgb = make_agent(obs="rgb", obs_shape=(9, 64, 64), batch_size=4)
     batch = synthetic_batch(obs_shape=(9, 64, 64))
     batch = {k: v[:, :4] for k, v in batch.items()}
     batch["obs"] = (batch["obs"].abs() * 60).clamp(0, 255)
-    assert np.isfinite(rgb.update(batch)["wm_loss"])
+    assert np.isfinite(float(rgb.update(batch)["wm_loss"]))
     assert rgb.act(batch["obs"][0, 0].numpy(), t0=True, eval_mode=True).shape == (ACT,)
 
 

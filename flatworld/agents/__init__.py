@@ -17,10 +17,13 @@ from flatworld.agents import tdmpc2
 class AgentEntry:
     config_cls: type
     make: Callable[..., Any]
+    action_kinds: tuple[str, ...] = ("continuous",)  # flatworld.envs.action_kind values
+    # The published trainer's schedule: when seeding ends, as many updates as seed steps.
+    seed_burst: bool = False
 
 
 AGENTS: dict[str, AgentEntry] = {
-    "tdmpc2": AgentEntry(config_cls=tdmpc2.TDMPC2Config, make=tdmpc2.make),
+    "tdmpc2": AgentEntry(config_cls=tdmpc2.TDMPC2Config, make=tdmpc2.make, seed_burst=True),
 }
 
 __all__ = ["AGENTS", "AgentEntry"]

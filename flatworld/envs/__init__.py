@@ -23,7 +23,10 @@ import gymnasium as gym  # noqa: E402
 from flatworld.envs import dmc, gym_suite  # noqa: E402
 from flatworld.envs.gym_suite import MissingDependencyError  # noqa: E402
 
-__all__ = ["MissingDependencyError", "Suite", "episode_length", "list_envs", "make"]
+__all__ = [
+    "MissingDependencyError", "Suite", "action_kind", "episode_length", "list_envs", "make",
+    "terminates",
+]  # fmt: skip
 
 SUITES = ("dmc", "gym", "humanoidbench")
 
@@ -34,6 +37,9 @@ class Suite:
     ids: tuple[str, ...]  # full ids, prefix included
     available: bool  # False: listed statically, its package is not installed
     requires: str  # what to install for it ("" when it ships with flatworld's extras)
+    # Whether its tasks can end in a true terminal state (not a time limit). Agents that
+    # bootstrap their value targets must stop at such states: see `terminates`.
+    terminates: bool
 
 
 def _installed(module: str) -> bool:
@@ -46,15 +52,43 @@ def list_envs() -> dict[str, Suite]:
     """Every suite and its env ids. HumanoidBench's list is static (see the README)."""
     hb = _installed("humanoid_bench")
     return {
+        # DMC tasks never terminate: every episode runs to its time limit.
         "dmc": Suite("dmc", tuple(f"dmc/{t}" for t in dmc.task_ids()), _installed("dm_control"),
-                     "pip install 'flatworld[envs]'"),
+                     "pip install 'flatworld[envs]'", terminates=False),
+        # Gymnasium's locomotion tasks end when the body falls (Hopper, Walker2d, Ant, Humanoid).
         "gym": Suite("gym", tuple(f"gym/{t}" for t in gym_suite.gym_ids()), True,
-                     "pip install 'flatworld[envs]'"),
+                     "pip install 'flatworld[envs]'", terminates=True),
+        # HumanoidBench's tasks end when the robot falls.
         "humanoidbench": Suite(
             "humanoidbench", tuple(f"humanoidbench/{t}" for t in gym_suite.humanoidbench_ids()),
-            hb, "pip install --no-deps git+https://github.com/carlosferrazza/humanoid-bench",
+            hb, gym_suite.HUMANOIDBENCH_PIP, terminates=True,
         ),
     }  # fmt: skip
+
+
+def terminates(env_id: str) -> bool:
+    """Whether `env_id` can end in a true terminal state (`terminated=True`).
+
+    A suite declares it for its tasks; gym tasks that provably never terminate (HalfCheetah,
+    Swimmer, Reacher, Pusher, HumanoidStandup) are exempted by name.
+    """
+    suite, _, name = str(env_id).partition("/")
+    suites = list_envs()
+    if suite not in suites:
+        raise _unknown(str(env_id))
+    if suite == "gym" and name.rpartition("-v")[0] in gym_suite.NEVER_TERMINATE:
+        return False
+    return suites[suite].terminates
+
+
+def action_kind(env: gym.Env) -> str:
+    """'continuous' for a Box action space, 'discrete' for a Discrete one."""
+    space = env.action_space
+    if isinstance(space, gym.spaces.Discrete):
+        return "discrete"
+    if isinstance(space, gym.spaces.Box):
+        return "continuous"
+    raise ValueError(f"{env}: action space {space} is neither Box nor Discrete")
 
 
 def _all_ids() -> list[str]:

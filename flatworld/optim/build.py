@@ -32,11 +32,11 @@ class SamSpec:
     eta: float = 0.01
     ascent_steps: int = 1
     m: int | None = None
-    when: str = "always"
+    when: str = field(default="always", metadata={"choices": WHENS})
     start_fraction: float = 0.8
     every: int = 5
     reuse_grad: bool = False
-    rho_schedule: str = "constant"
+    rho_schedule: str = field(default="constant", metadata={"choices": RHO_SCHEDULES})
     rho_end: float = 0.0
     clip_grad_norm: float | None = None
 
@@ -57,7 +57,7 @@ class SamSpec:
 
 @dataclass(frozen=True)
 class OptimSpec:
-    base: str = "adam"
+    base: str = field(default="adam", metadata={"choices": BASES})
     lr: float = 3e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)

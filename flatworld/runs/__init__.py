@@ -1,11 +1,21 @@
 """Online training runs: replay, the loop, evaluation, diagnostics, logging, checkpoints."""
 
 from flatworld.runs.config import RunConfig, from_dict
-from flatworld.runs.loop import evaluate, read_config, resume, train
+from flatworld.runs.loop import (
+    ConfigMismatchError,
+    check_device,
+    config_differences,
+    evaluate,
+    read_config,
+    resume,
+    train,
+    train_or_resume,
+)
 from flatworld.runs.protocol import Agent
 from flatworld.runs.replay import ReplayBuffer
 
 __all__ = [
-    "Agent", "ReplayBuffer", "RunConfig", "evaluate", "from_dict", "read_config", "resume",
-    "train",
+    "Agent", "ConfigMismatchError", "ReplayBuffer", "RunConfig", "check_device",
+    "config_differences", "evaluate", "from_dict", "read_config", "resume", "train",
+    "train_or_resume",
 ]  # fmt: skip

@@ -50,35 +50,55 @@ def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Save `state` as `folder/step_<step>.pt`, keeping the newest `keep` checkpoints."""
+    """Save `state` as `folder/step_<step>.pt`, keeping the newest `keep` checkpoints.
+
+    The file just written is always kept, whatever its step (a run resumed from an older
+    checkpoint writes steps below those of checkpoints it refused).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:010d}.pt"
     atomic_write(path, lambda f: torch.save(state, f))
-    for _, old in list_checkpoints(folder)[:-keep]:
+    others = [p for _, p in list_checkpoints(folder) if p != path]
+    for old in others[: max(len(others) - (keep - 1), 0)]:
         old.unlink(missing_ok=True)
     return path
 
 
-def load_checkpoint(folder: str | Path, map_location: str = "cpu") -> tuple[dict[str, Any], Path]:
-    """Load the newest checkpoint that reads back; a damaged one (e.g. truncated by a crash
-    or a full disk) is refused with a warning and the one before it is tried."""
+def load_checkpoint(
+    folder: str | Path,
+    map_location: str = "cpu",
+    validate: Callable[[dict[str, Any]], None] | None = None,
+    set_aside: bool = False,
+) -> tuple[dict[str, Any], Path]:
+    """Load the newest checkpoint that reads back and passes `validate` (which raises on a
+    state that lacks something); a damaged one (e.g. truncated by a crash or a full disk) is
+    refused with a warning and the one before it is tried. With `set_aside`, refused files
+    newer than the one loaded are renamed `<name>.refused`, so they no longer count among
+    the checkpoints kept (nor are tried again)."""
     found = list_checkpoints(folder)
     if not found:
         raise FileNotFoundError(f"no checkpoints (step_*.pt) in {folder}")
-    errors = []
+    errors, refused = [], []
     for _, path in reversed(found):
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
             if not isinstance(state, dict) or "step" not in state:
                 raise ValueError("not a flatworld checkpoint (no 'step')")
+            if validate is not None:
+                validate(state)
         except Exception as e:  # noqa: BLE001  (any failure means: this file is unusable)
             errors.append(f"{path.name}: {type(e).__name__}: {e}")
+            refused.append(path)
             warnings.warn(
                 f"refusing checkpoint {path}: it does not load ({type(e).__name__}: {e}); "
-                "it is probably truncated or corrupted. Trying the previous checkpoint.",
+                "it is probably truncated, corrupted or from another version. Trying the "
+                "previous checkpoint.",
                 RuntimeWarning, stacklevel=2,
             )  # fmt: skip
             continue
+        if set_aside:
+            for bad in refused:
+                bad.rename(bad.with_name(bad.name + ".refused"))
         return state, path
-    raise RuntimeError(f"no checkpoint in {folder} loads:\n  " + "\n  ".join(errors))
+    raise ValueError(f"no checkpoint in {folder} loads:\n  " + "\n  ".join(errors))

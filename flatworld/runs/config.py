@@ -74,6 +74,10 @@ class RunConfig:
     seed: int = 1
     steps: int = 100_000
     seed_steps: int | None = None  # random-action steps; None: max(1000, 5 * episode length)
+    # When seeding ends, run as many updates as there were seed steps, in one burst (the
+    # published TD-MPC2 trainer does). None: the agent's published default (agent.seed_burst).
+    seed_burst: bool | None = field(default=None, metadata={
+        "help": "default: the agent's published schedule (tdmpc2: on)"})
     buffer_size: int | None = None  # replay capacity in steps; None: all steps of the run
     eval_every: int = 10_000
     eval_episodes: int = 10
@@ -116,6 +120,8 @@ class RunConfig:
                 f"a multiple of log_every={self.log_every} (each lands on a metrics row)",
             )
         need(isinstance(self.lambda_max, bool), "lambda_max", "True or False")
+        need(self.seed_burst in (None, True, False), "seed_burst",
+             "None (the agent's default), True or False")  # fmt: skip
         need(isinstance(self.tensorboard, bool), "tensorboard", "True or False")
         need(isinstance(self.run_dir, str), "run_dir", "a path string ('' for the default)")
         need(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,48 @@ _TRAIN, _EVAL, _ACTIONS, _REPLAY, _DIAG, _EVALUATE = range(6)  # seed streams
 def derive_seed(*parts: int) -> int:
     """A 32-bit seed that depends on every part (and on nothing else)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class ConfigMismatchError(ValueError):
+    """A run folder holds a run whose stored config differs from the requested one."""
+
+
+def check_device(device: str) -> None:
+    """Fail before anything runs when `device` is not usable on this machine."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no GPU seen"
+            raise ValueError(f"device={device!r}: CUDA is not available here ({why}, torch "
+                             f"{torch.__version__}); accepted here: 'cpu'")  # fmt: skip
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")  # fmt: skip
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device='mps': MPS is not available here; accepted here: 'cpu'")
+
+
+def resolve_episodic(env_id: str, agent_cfg: Any) -> Any:
+    """The agent config with `episodic` set from the env suite when left None.
+
+    Forcing it off on a suite whose tasks terminate is refused: the value targets would
+    bootstrap through terminal states (the published TD-MPC2 trainer refuses it too).
+    """
+    from flatworld.envs import terminates
+
+    if not hasattr(agent_cfg, "episodic"):
+        return agent_cfg
+    can_terminate = terminates(env_id)
+    if agent_cfg.episodic is None:
+        return dataclasses.replace(agent_cfg, episodic=can_terminate)
+    if agent_cfg.episodic is False and can_terminate:
+        raise ValueError(
+            f"episodic=False, but {env_id} can terminate (its episodes end when the agent "
+            "fails, not only at the time limit); with episodic off the value targets would "
+            "bootstrap through terminal states. Leave episodic unset, so it follows the suite, "
+            "or pass --episodic."
+        )
+    return agent_cfg
 
 
 def _registry() -> dict[str, Any]:
@@ -155,30 +198,69 @@ def run_episodes(
     return out
 
 
+def _check_keys(expected: Any, got: Any, where: str) -> None:
+    """Every key of `expected` (nested dicts) is in `got`. An empty or None expected value
+    (fresh optimizer state, no held-out batch yet) says nothing about what a saved one holds."""
+    if not isinstance(expected, dict) or not expected:
+        return
+    if not isinstance(got, dict):
+        raise ValueError(f"{where}: expected a dict, found {type(got).__name__}")
+    for key, value in expected.items():
+        if key not in got:
+            raise ValueError(f"{where}: missing {key!r}")
+        if key != "state":  # an optimizer's per-parameter state: absent until its first step
+            _check_keys(value, got[key], f"{where}.{key}")
+
+
 class _Loop:
     def __init__(
         self, run_dir: Path, cfg: RunConfig, agent_name: str, agent_cfg: Any, replay: bool = True
     ):
-        from flatworld.envs import episode_length, make
+        from flatworld.envs import make
 
         self.run_dir, self.cfg = run_dir, cfg
         torch.manual_seed(cfg.seed)
         np.random.seed(derive_seed(cfg.seed) % 2**32)
         random.seed(cfg.seed)
-        self.env = make(cfg.env, seed=cfg.seed, **cfg.env_options)
-        self.eval_env = make(cfg.env, seed=derive_seed(cfg.seed, _EVAL), **cfg.env_options)
+        self.env = self.eval_env = None
+        try:
+            self.env = make(cfg.env, seed=cfg.seed, **cfg.env_options)
+            self.eval_env = make(cfg.env, seed=derive_seed(cfg.seed, _EVAL), **cfg.env_options)
+            self._build(cfg, agent_name, agent_cfg, replay)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close both environments (renderers, simulators); safe to call twice."""
+        for env in (self.env, self.eval_env):
+            if env is not None:
+                env.close()
+        self.env = self.eval_env = None
+
+    def _build(self, cfg: RunConfig, agent_name: str, agent_cfg: Any, replay: bool) -> None:
+        from flatworld.envs import action_kind, episode_length
+
+        entry = _entry(agent_name)
+        kind = action_kind(self.env)
+        if kind not in entry.action_kinds:
+            raise ValueError(
+                f"env={cfg.env!r} has {kind} actions ({self.env.action_space}); agent "
+                f"{agent_name!r} supports {' and '.join(entry.action_kinds)} actions only"
+            )
         self.episode_length = episode_length(self.env)
         obs_space, act_space = self.env.observation_space, self.env.action_space
         self.action_dim = int(np.prod(act_space.shape))
         self.seed_steps = (
             cfg.seed_steps if cfg.seed_steps is not None else max(1000, 5 * self.episode_length)
         )
-        # total_steps counts updates (one per step after seeding): late-phase SAM places its
-        # start from it.
-        self.agent: Agent = _entry(agent_name).make(
+        burst = entry.seed_burst if cfg.seed_burst is None else cfg.seed_burst
+        self.burst = self.seed_steps if burst else 0  # updates run once, when seeding ends
+        self.episodic = bool(getattr(agent_cfg, "episodic", True))
+        self.agent: Agent = entry.make(
             agent_cfg, obs_shape=tuple(obs_space.shape), action_dim=self.action_dim,
             episode_length=self.episode_length, device=cfg.device,
-            total_steps=max(cfg.steps - self.seed_steps, 1),
+            total_steps=self._total_updates(entry),
         )  # fmt: skip
         # One row per step plus one per episode start; a run of many short episodes overflows
         # and forgets its oldest rows, which is the ring buffer's ordinary behaviour.
@@ -203,6 +285,12 @@ class _Loop:
         self.count = 0
         self.next_checkpoint = cfg.checkpoint_every
 
+    def _total_updates(self, entry: Any) -> int:
+        """Updates in the whole run (late-phase SAM places its start from it): one per step
+        after seeding, plus the burst when seeding ends."""
+        after = max(self.cfg.steps - self.seed_steps, 0)
+        return max(after + (self.burst or 1), 1)
+
     # -- checkpoint state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -213,7 +301,7 @@ class _Loop:
             "last_return": self.last_return,
             "last_length": self.last_length,
             "wall_s": self.wall_s,
-            "sums": dict(self.sums),
+            "sums": {k: float(v) for k, v in self.sums.items()},
             "count": self.count,
             "next_checkpoint": self.next_checkpoint,
             "done": self.step >= self.cfg.steps,
@@ -243,6 +331,13 @@ class _Loop:
         self.sums = dict(s["sums"])
         _set_rng_state(s["rng"])
 
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise ValueError if a loaded checkpoint lacks part of this loop's state."""
+        _check_keys(self.state_dict(), state, "checkpoint")
+
+    def check_agent_state(self, state: dict[str, Any]) -> None:
+        _check_keys({"step": 0, "agent": self.agent.state_dict()}, state, "checkpoint")
+
     def checkpoint(self) -> None:
         save_checkpoint(self.run_dir / "checkpoints", self.step, self.state_dict(), keep=2)
 
@@ -263,10 +358,22 @@ class _Loop:
             gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, _DIAG))
             self.diag_batch = self.buffer.sample(agent.batch_size, agent.horizon, generator=gen)
         batch = self.buffer.sample(agent.batch_size, agent.horizon, device=self.cfg.device)
+        # Metrics may be tensors: summed where they live and read back only when a row is
+        # written, so an update never waits for the device.
         for k, v in agent.update(batch).items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
         self.updates += 1
+
+    def _burst(self, progress: bool) -> None:
+        """The published TD-MPC2 schedule: pretrain on the seed data with one update per seed
+        step, once, when seeding ends. Counted in `updates`, not in environment steps."""
+        from tqdm import tqdm
+
+        for _ in tqdm(range(self.burst), desc="updates on the seed data", unit="update",
+                      disable=not progress, leave=False, dynamic_ncols=True):  # fmt: skip
+            self._update()
 
     def _evaluate(self) -> dict[str, Any]:
         seeds = [
@@ -291,7 +398,7 @@ class _Loop:
             "wall_s": round(self.wall_s, 2),
         }  # fmt: skip
         row.update(extra)
-        row.update({f"train/{k}": v / self.count for k, v in sorted(self.sums.items())})
+        row.update({f"train/{k}": float(v) / self.count for k, v in sorted(self.sums.items())})
         self.sums, self.count = {}, 0
         return row
 
@@ -320,12 +427,21 @@ class _Loop:
                 else:
                     action = np.asarray(self.agent.act(obs, t0=t == 0, eval_mode=False))
                 next_obs, reward, term, trunc, _ = self.env.step(action)
+                if term and not self.episodic:
+                    raise RuntimeError(
+                        f"{cfg.env} returned terminated=True at step {self.step}, but the agent "
+                        "is not episodic: its value targets would bootstrap through the "
+                        "terminal state. Set the agent's episodic=True."
+                    )
                 self.buffer.add(next_obs, action, reward, term)
                 obs, t, ep_return = np.asarray(next_obs, np.float32), t + 1, ep_return + reward
                 self.step += 1
                 bar.update(1)
                 if self.step >= self.seed_steps and self.buffer.can_sample(self.agent.horizon):
-                    self._update()
+                    if self.step == self.seed_steps and self.burst:
+                        self._burst(progress)
+                    else:
+                        self._update()
                 done = term or trunc
                 if done:
                     self.episode += 1
@@ -341,7 +457,8 @@ class _Loop:
                     sps = (self.step - tick_step) / max(now - tick, 1e-9)
                     tick, tick_step = now, self.step
                     log.write(self._row(extra, sps))
-                    bar.set_postfix(ret=f"{self.last_return:.1f}", refresh=False)
+                    bar.set_postfix(ret=f"{self.last_return:.1f}", updates=self.updates,
+                                    refresh=False)  # fmt: skip
                 if self.step == cfg.steps:
                     self.checkpoint()  # the final one may fall mid-episode; it is not resumed
                 elif done:
@@ -362,6 +479,31 @@ def _default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.env.replace('/', '-')}-s{cfg.seed}"
 
 
+def _run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.run_dir) if cfg.run_dir else _default_run_dir(cfg)
+
+
+def _holds_run(run_dir: Path) -> bool:
+    return (run_dir / "config.yaml").exists() or bool(list_checkpoints(run_dir / "checkpoints"))
+
+
+def _checked_configs(run_cfg: RunConfig, agent_name: str, agent_cfg: Any) -> Any:
+    """Validate both configs and the device; returns the agent config with the suite's
+    `episodic` filled in. Reads and writes nothing."""
+    run_cfg.validate()
+    entry = _entry(agent_name)
+    if not isinstance(agent_cfg, entry.config_cls):
+        raise ValueError(
+            f"agent_cfg: expected a {entry.config_cls.__name__} for agent "
+            f"{agent_name!r}, got {type(agent_cfg).__name__}"
+        )
+    agent_cfg = resolve_episodic(run_cfg.env, agent_cfg)
+    if hasattr(agent_cfg, "validate"):
+        agent_cfg.validate()
+    check_device(run_cfg.device)
+    return agent_cfg
+
+
 def train(
     run_cfg: RunConfig,
     agent_name: str,
@@ -371,42 +513,99 @@ def train(
 ) -> Path:
     """Train `agent_name` (a key of flatworld.agents.AGENTS) online; returns the run folder.
 
-    `stop_after` stops the loop after that many steps without a final checkpoint, as a crash
-    would (for testing resume).
+    Everything is checked before the folder is made: the configs, the device, the env id and
+    its action space against the agent. `stop_after` stops the loop after that many steps
+    without a final checkpoint, as a crash would (for testing resume).
     """
-    run_cfg.validate()
-    entry = _entry(agent_name)
-    if not isinstance(agent_cfg, entry.config_cls):
-        raise ValueError(
-            f"agent_cfg: expected a {entry.config_cls.__name__} for agent "
-            f"{agent_name!r}, got {type(agent_cfg).__name__}"
-        )
-    if hasattr(agent_cfg, "validate"):
-        agent_cfg.validate()
-    run_dir = Path(run_cfg.run_dir) if run_cfg.run_dir else _default_run_dir(run_cfg)
-    if (run_dir / "config.yaml").exists() or list_checkpoints(run_dir / "checkpoints"):
+    agent_cfg = _checked_configs(run_cfg, agent_name, agent_cfg)
+    run_dir = _run_dir(run_cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir={str(run_dir)!r} is a file; a run needs a folder")
+    if _holds_run(run_dir):
         raise FileExistsError(
-            f"{run_dir} already holds a run: resume it "
-            f"(flatworld.runs.resume) or choose another run_dir"
+            f"{run_dir} already holds a run: resume it with `flatworld train --resume "
+            f"{run_dir}`, or choose another --run-dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, run_cfg, agent_name, agent_cfg)
-    _Loop(run_dir, run_cfg, agent_name, agent_cfg).run(progress, stop_after, resumed=False)
+    loop = _Loop(run_dir, run_cfg, agent_name, agent_cfg)  # builds the envs: bad ids fail here
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, run_cfg, agent_name, agent_cfg)
+        loop.run(progress, stop_after, resumed=False)
+    finally:
+        loop.close()
     return run_dir
 
 
 def resume(run_dir: str | Path, progress: bool = True, stop_after: int | None = None) -> Path:
-    """Go on from the last checkpoint that loads; metrics rows after it are redone."""
+    """Go on from the last checkpoint that loads; metrics rows after it are redone.
+
+    A run killed before its first checkpoint (checkpoints are taken at episode ends) starts
+    again from the beginning. Checkpoints that do not load, or lack part of the state, are
+    set aside (renamed `*.refused`) once a good one is found, so they never count among the
+    checkpoints kept.
+    """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is not a folder: --resume takes a run folder")
+    if not (run_dir / "config.yaml").exists():
+        raise ValueError(f"{run_dir} is not a flatworld run folder (no config.yaml)")
     run_cfg, agent_name, agent_cfg = read_config(run_dir)
-    run_cfg.validate()
+    agent_cfg = _checked_configs(run_cfg, agent_name, agent_cfg)
     loop = _Loop(run_dir, run_cfg, agent_name, agent_cfg)
-    state, _ = load_checkpoint(run_dir / "checkpoints")
-    if state["done"]:
-        return run_dir
-    loop.load_state_dict(state)
-    loop.run(progress, stop_after, resumed=True)
+    try:
+        folder = run_dir / "checkpoints"
+        if not list_checkpoints(folder):
+            warnings.warn(f"{run_dir} has no checkpoint (the run stopped before its first "
+                          "episode ended): starting it again", RuntimeWarning, stacklevel=2)
+            loop.run(progress, stop_after, resumed=False)
+            return run_dir
+        state, _ = load_checkpoint(folder, validate=loop.check_state, set_aside=True)
+        if state["done"]:
+            return run_dir
+        loop.load_state_dict(state)
+        loop.run(progress, stop_after, resumed=True)
+    finally:
+        loop.close()
     return run_dir
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_differences(run_dir: str | Path, run_cfg: RunConfig, agent_name: str,
+                       agent_cfg: Any) -> list[str]:  # fmt: skip
+    """`field: stored X, requested Y` for every config field that differs from the run's."""
+    stored_run, stored_name, stored_agent = read_config(run_dir)
+    stored = _flat({"run": _config_dict(stored_run), "agent": stored_name,
+                    "config": _config_dict(stored_agent)})  # fmt: skip
+    wanted = _flat({"run": _config_dict(run_cfg), "agent": agent_name,
+                    "config": _config_dict(agent_cfg)})  # fmt: skip
+    return [f"{k}: stored {stored.get(k)!r}, requested {wanted.get(k)!r}"
+            for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
+
+
+def train_or_resume(run_cfg: RunConfig, agent_name: str, agent_cfg: Any, progress: bool = True,
+                    stop_after: int | None = None) -> Path:  # fmt: skip
+    """Train a new run, or go on with the one in `run_cfg.run_dir` when its stored config is
+    the requested one (a finished run returns at once). A different config is refused with
+    the fields that differ: a run never silently continues under another env or budget."""
+    agent_cfg = _checked_configs(run_cfg, agent_name, agent_cfg)
+    run_dir = _run_dir(run_cfg)
+    if not (run_dir / "config.yaml").exists():
+        return train(run_cfg, agent_name, agent_cfg, progress, stop_after)
+    diff = config_differences(run_dir, run_cfg, agent_name, agent_cfg)
+    if diff:
+        raise ConfigMismatchError(
+            f"{run_dir} holds a run with another config; remove it or choose another folder. "
+            "Differences: " + "; ".join(diff)
+        )
+    return resume(run_dir, progress, stop_after)
 
 
 def evaluate(run_dir: str | Path, episodes: int = 10) -> dict[str, Any]:
@@ -414,11 +613,17 @@ def evaluate(run_dir: str | Path, episodes: int = 10) -> dict[str, Any]:
     if not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes={episodes!r}: expected an int >= 1")
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise ValueError(f"{run_dir} is not a flatworld run folder (no config.yaml)")
     run_cfg, agent_name, agent_cfg = read_config(run_dir)
+    check_device(run_cfg.device)
     loop = _Loop(run_dir, run_cfg, agent_name, agent_cfg, replay=False)
-    state, path = load_checkpoint(run_dir / "checkpoints")
-    loop.agent.load_state_dict(state["agent"])
-    torch.manual_seed(derive_seed(run_cfg.seed, _EVALUATE))
-    seeds = [derive_seed(run_cfg.seed, _EVALUATE, i) for i in range(episodes)]
-    out = run_episodes(loop.eval_env, loop.agent, seeds)
+    try:
+        state, path = load_checkpoint(run_dir / "checkpoints", validate=loop.check_agent_state)
+        loop.agent.load_state_dict(state["agent"])
+        torch.manual_seed(derive_seed(run_cfg.seed, _EVALUATE))
+        seeds = [derive_seed(run_cfg.seed, _EVALUATE, i) for i in range(episodes)]
+        out = run_episodes(loop.eval_env, loop.agent, seeds)
+    finally:
+        loop.close()
     return {"step": state["step"], "checkpoint": str(path), "episodes": episodes, **out}

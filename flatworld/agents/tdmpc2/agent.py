@@ -95,7 +95,7 @@ class TDMPC2Agent:
         td = reward + self.discount * not_done * self.model.q(next_z, a, "min", target=True)
         two_hot = self.model.two_hot
         return {"obs0": obs[0], "next_z": next_z, "reward_probs": two_hot.encode(reward),
-                "td_probs": two_hot.encode(td)}  # fmt: skip
+                "td": td, "td_probs": two_hot.encode(td)}  # fmt: skip
 
     def world_model_loss(self, batch: dict[str, Tensor], tg: dict[str, Tensor]
                          ) -> tuple[Tensor, dict[str, Tensor], Tensor]:  # fmt: skip
@@ -128,7 +128,7 @@ class TDMPC2Agent:
         return loss, parts, zs_t
 
     # One update.
-    def update(self, batch: dict[str, Tensor]) -> dict[str, float]:
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
         cfg = self.cfg
         self.model.train()
         tg = self.targets(batch)
@@ -186,7 +186,9 @@ class TDMPC2Agent:
         keys = ["wm_loss", "consistency_loss", "reward_loss", "value_loss", "grad_norm"]
         keys += ["termination_loss"] if cfg.episodic else []
         vals = [first[k].detach().float() for k in keys] + list(pi_info.values())
-        out = dict(zip(keys + list(pi_info), torch.stack(vals).tolist(), strict=True))
+        # Tensors, not floats: the caller reads them when it logs, so the update never syncs.
+        out: dict[str, Tensor | float] = dict(zip(keys + list(pi_info), torch.stack(vals),
+                                                  strict=True))  # fmt: skip
         out["sam_passes"] = float(first["calls"])
         return out
 

@@ -18,6 +18,9 @@ MODEL_SIZES: dict[int, dict[str, int]] = {
 }
 OBS_TYPES = ("state", "rgb")
 SAM_SCOPES = ("all", "encoder_dynamics")
+# "elite": the published rule, an elite trajectory drawn by its score (plus noise of the final
+# std in training); "mean": the MPPI mean (plus the same noise in training).
+PLAN_ACTIONS = ("elite", "mean")
 
 
 def default_wm_optim() -> optim.OptimSpec:
@@ -28,7 +31,7 @@ def default_wm_optim() -> optim.OptimSpec:
 class TDMPC2Config:
     # architecture; the *_dim/num_* fields override the size table when set (tiny test models)
     model_size: int = 5
-    obs: str = "state"
+    obs: str = field(default="state", metadata={"choices": OBS_TYPES})
     enc_dim: int | None = None
     mlp_dim: int | None = None
     latent_dim: int | None = None
@@ -42,7 +45,10 @@ class TDMPC2Config:
     vmax: float = 10.0
     log_std_min: float = -10.0
     log_std_max: float = 2.0
-    episodic: bool = False  # adds a termination head and masks bootstraps by it
+    # A termination head that masks bootstraps. None: set by the run from the env suite
+    # (flatworld.envs.terminates): on where tasks can terminate, off for DMC.
+    episodic: bool | None = field(default=None, metadata={
+        "help": "default: follows the env suite (on where its tasks can terminate)"})
     # world-model objective
     horizon: int = 3
     batch_size: int = 256
@@ -57,7 +63,7 @@ class TDMPC2Config:
     discount_max: float = 0.995
     # optimisation: the world-model optimizer is this spec; SAM or not is the spec's choice
     wm_optim: optim.OptimSpec = field(default_factory=default_wm_optim)
-    sam_scope: str = "all"
+    sam_scope: str = field(default="all", metadata={"choices": SAM_SCOPES})
     enc_lr_scale: float = 0.3
     grad_clip_norm: float = 20.0
     pi_lr: float = 3e-4
@@ -65,6 +71,7 @@ class TDMPC2Config:
     entropy_coef: float = 1e-4
     # MPPI planning
     mpc: bool = True
+    plan_action: str = field(default="elite", metadata={"choices": PLAN_ACTIONS})
     iterations: int = 6  # +2 when the action space has >= 20 dims
     num_samples: int = 512
     num_elites: int = 64
@@ -89,6 +96,9 @@ class TDMPC2Config:
         check(self.model_size in MODEL_SIZES, "model_size", f"one of {sorted(MODEL_SIZES)}")
         check(self.obs in OBS_TYPES, "obs", f"one of {OBS_TYPES}")
         check(self.sam_scope in SAM_SCOPES, "sam_scope", f"one of {SAM_SCOPES}")
+        check(self.plan_action in PLAN_ACTIONS, "plan_action", f"one of {PLAN_ACTIONS}")
+        check(self.episodic in (None, True, False), "episodic",
+              "None (follow the env suite), True or False")  # fmt: skip
         for k in ("enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "num_q"):
             check(getattr(self, k) is None or _pos_int(getattr(self, k)), k, "None or an int >= 1")
         d = self.dims()

@@ -39,6 +39,12 @@ class MPPIPlanner:
     @torch.no_grad()
     def plan(self, obs: Tensor, t0: bool, eval_mode: bool) -> Tensor:
         """One action (A,) in [-1, 1] for a single observation (1, *obs_shape)."""
+        mean, std, elites, score = self.search(obs, t0)
+        return select_action(self.cfg.plan_action, mean, std, elites, score, eval_mode)
+
+    @torch.no_grad()
+    def search(self, obs: Tensor, t0: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """MPPI: (mean (H, A), std (H, A), elites (H, E, A), score (E,)) of the last iteration."""
         cfg, h, a_dim = self.cfg, self.cfg.horizon, self.action_dim
         z = self.model.encode(obs)
         n_pi, n = cfg.num_pi_trajs, cfg.num_samples
@@ -65,14 +71,30 @@ class MPPIPlanner:
             std = torch.einsum("e,hea->ha", score, (elites - mean.unsqueeze(1)).pow(2)).sqrt()
             std = std.clamp(cfg.min_std, cfg.max_std)
         self.prev_mean.copy_(mean)
-        if eval_mode:
-            return mean[0].clamp(-1, 1)
-        # Training: an elite drawn by its score, plus exploration noise of the final std.
-        a = elites[0, torch.multinomial(score, 1)[0]]
-        return (a + std[0] * torch.randn(a_dim, device=z.device)).clamp(-1, 1)
+        return mean, std, elites, score
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"prev_mean": self.prev_mean.clone()}
 
     def load_state_dict(self, d: dict[str, Tensor]) -> None:
         self.prev_mean.copy_(d["prev_mean"])
+
+
+def select_action(rule: str, mean: Tensor, std: Tensor, elites: Tensor, score: Tensor,
+                  eval_mode: bool) -> Tensor:  # fmt: skip
+    """The action taken from a finished MPPI search.
+
+    "elite" (published TD-MPC2): the first action of one elite trajectory, drawn with
+    probability `score`, in training and in evaluation alike. "mean": the first action of the
+    MPPI mean. Training adds Gaussian noise of the final std to either. The draw is a Gumbel
+    argmax, argmax(log score + G) with G = -log(Exp(1)), so it never reads a value back to the
+    host (torch.multinomial would).
+    """
+    if rule == "elite":
+        gumbel = -torch.empty_like(score).exponential_().log()
+        a = elites[0, torch.argmax(score.log() + gumbel)]
+    else:
+        a = mean[0]
+    if not eval_mode:
+        a = a + std[0] * torch.randn(a.shape[0], device=a.device)
+    return a.clamp(-1, 1)
