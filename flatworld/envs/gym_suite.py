@@ -144,14 +144,14 @@ def _make_registered(suite: str, env_id: str, known: list[str], seed: int, actio
 
 
 def make_humanoidbench(env_id: str, seed: int, action_repeat: int = 1, **kwargs: Any) -> GymAdapter:
-    import_humanoidbench()
     if env_id not in humanoidbench_ids():
         close = difflib.get_close_matches(env_id, humanoidbench_ids(), n=5)
         raise ValueError(
-            f"unknown env id 'humanoidbench/{env_id}': it has no model in the package; close "
-            f"matches: {[f'humanoidbench/{c}' for c in close] or 'none'} "
+            f"unknown env id 'humanoidbench/{env_id}' (only ids with a model in the package "
+            f"are listed); close matches: {[f'humanoidbench/{c}' for c in close] or 'none'} "
             "(flatworld.envs.list_envs())"
         )
+    import_humanoidbench()
     # The package's default render_mode opens a GL context in the constructor (about 1 s, and
     # it fails where no GL is set up); a run that does not ask for pixels never renders.
     kwargs.setdefault("render_mode", None)
