@@ -83,8 +83,13 @@ def _study(args: argparse.Namespace) -> None:
 
 
 def _envs(args: argparse.Namespace) -> None:
-    from flatworld.envs import list_envs
+    from flatworld.envs import ENV_SETS, list_envs
 
+    if args.set is not None:
+        if args.set not in ENV_SETS:
+            raise ValueError(f"unknown env set {args.set!r}; accepted: {sorted(ENV_SETS)}")
+        print("\n".join(ENV_SETS[args.set]))
+        return
     for suite in list_envs().values():
         note = "" if suite.available else f"  [not installed: {suite.requires}]"
         print(f"{suite.name} ({len(suite.ids)} tasks){note}")
@@ -126,7 +131,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(str(err))
     try:
         print(f"run: {runs.train(run_cfg, args.agent, agent_cfg, progress=not args.no_progress)}")
-    except (ValueError, OSError) as err:  # bad env, device or run folder: one line
+    except (ValueError, OSError, ImportError) as err:  # bad env, device, folder, missing suite
         parser.error(str(err))
 
 
@@ -156,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_study)
 
-    p = sub.add_parser("envs", help="list every suite and task id")
+    p = sub.add_parser("envs", help="list every suite and task id (--set NAME: a named set)")
+    p.add_argument("--set", default=None, metavar="NAME",
+                   help="print the ids of a named set, one a line (atari100k, "
+                        "humanoidbench-main)")
     p.set_defaults(func=_envs)
 
     p = sub.add_parser("eval", help="evaluate the last checkpoint of a run folder")

@@ -371,3 +371,22 @@ def test_warnings_module_is_quiet_on_import():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert envs.list_envs()["humanoidbench"].terminates
+
+
+def test_killed_episodic_run_resumes_to_identical_metrics(tmp_path):
+    cfg = dict(env="gym/Hopper-v5", steps=100, seed_steps=30, eval_every=50, diag_every=50,
+               checkpoint_every=10, env_options={"episode_length": 30})
+    runs.train(run_cfg(tmp_path / "ref", **cfg), "tdmpc2", tiny(), progress=False)
+    runs.train(run_cfg(tmp_path / "cut", **cfg), "tdmpc2", tiny(), progress=False,
+               stop_after=71)
+    assert list_checkpoints(tmp_path / "cut" / "checkpoints")
+    runs.resume(tmp_path / "cut", progress=False)
+    assert numbers(tmp_path / "cut") == numbers(tmp_path / "ref")
+
+
+def test_missing_suite_package_is_one_cli_line(tmp_path, capsys):
+    if importlib_find("humanoid_bench"):
+        pytest.skip("humanoid_bench is installed")
+    err = cli_error(["train", "tdmpc2", "--env", "humanoidbench/h1hand-walk-v0",
+                     "--run-dir", str(tmp_path / "r")], capsys)  # fmt: skip
+    assert gym_suite.HUMANOIDBENCH_PIP in err and not (tmp_path / "r").exists()
