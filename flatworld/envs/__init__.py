@@ -1,8 +1,9 @@
 """One `make(env_id, seed, **options)` for every suite, with the Gymnasium API.
 
 Ids carry the suite as a prefix: `dmc/walker-walk`, `gym/Humanoid-v5`,
-`humanoidbench/h1hand-walk-v0`. Observations are float32 (pixels: uint8), actions live in
-[-1, 1]^A, and `episode_length(env)` gives the episode length in agent steps.
+`humanoidbench/h1hand-walk-v0`, `atari/Pong`. Observations are float32 (pixels: uint8),
+continuous actions live in [-1, 1]^A (Atari's are Discrete), and `episode_length(env)` gives
+the episode length in agent steps. `ENV_SETS` names sets of ids (`atari100k`).
 """
 
 from __future__ import annotations
@@ -20,15 +21,23 @@ if sys.platform.startswith("linux"):
 
 import gymnasium as gym  # noqa: E402
 
-from flatworld.envs import dmc, gym_suite  # noqa: E402
+from flatworld.envs import atari, dmc, gym_suite  # noqa: E402
 from flatworld.envs.gym_suite import MissingDependencyError  # noqa: E402
 
 __all__ = [
-    "MissingDependencyError", "Suite", "action_kind", "episode_length", "list_envs", "make",
-    "terminates",
+    "ENV_SETS", "MissingDependencyError", "Suite", "action_kind", "episode_length", "list_envs",
+    "make", "terminates",
 ]  # fmt: skip
 
-SUITES = ("dmc", "gym", "humanoidbench")
+SUITES = ("dmc", "gym", "humanoidbench", "atari")
+
+# Named sets of env ids (`flatworld envs --set NAME`).
+ENV_SETS: dict[str, tuple[str, ...]] = {
+    "atari100k": tuple(f"atari/{g}" for g in atari.ATARI100K),
+    "humanoidbench-main": tuple(
+        f"humanoidbench/{i}" for i in gym_suite.humanoidbench_ids(main_only=True)
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,10 @@ def list_envs() -> dict[str, Suite]:
             "humanoidbench", tuple(f"humanoidbench/{t}" for t in gym_suite.humanoidbench_ids()),
             hb, gym_suite.HUMANOIDBENCH_PIP, terminates=True,
         ),
+        # Atari games end at game over (a life loss is not a terminal). Without ale-py the
+        # list is the 26 Atari-100k games.
+        "atari": Suite("atari", tuple(f"atari/{g}" for g in atari.game_ids()),
+                       _installed("ale_py"), atari.ALE_PIP, terminates=True),
     }  # fmt: skip
 
 
@@ -110,6 +123,8 @@ def make(env_id: str, seed: int = 0, **options: Any) -> gym.Env:
     `episode_length` (agent steps; dmc default 1000 // action_repeat, others the registered
     time limit / action_repeat); dmc only: `obs` ("state" | "rgb"), `frame_stack` (3),
     `image_size` (64). Other options go to `gymnasium.make` for gym/ and humanoidbench/.
+    atari/ (see flatworld.envs.atari): `action_repeat` (4), `noop_max` (30), `max_frames`
+    (108000), `image_size` (64), `sticky` (0.0).
     """
     if not isinstance(env_id, str) or "/" not in env_id:
         raise _unknown(str(env_id))
@@ -136,6 +151,13 @@ def make(env_id: str, seed: int = 0, **options: Any) -> gym.Env:
             opts["max_episode_steps"] = length * action_repeat
         fn = gym_suite.make_gym if suite == "gym" else gym_suite.make_humanoidbench
         return fn(name, seed, action_repeat=action_repeat, **opts)
+    if suite == "atari":
+        # Options (the Atari-100k protocol by default): `action_repeat` (4), `noop_max` (30),
+        # `max_frames` (108000 emulator frames), `image_size` (64), `sticky` (0.0).
+        game = atari.resolve(name)
+        if game is None:
+            raise _unknown(env_id)
+        return atari.make(game, seed, **options)
     raise _unknown(env_id)
 
 
