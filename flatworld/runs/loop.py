@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import time
 import warnings
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from gymnasium import spaces as gym_spaces
 
 from flatworld.runs.checkpoint import (
+    atomic_write,
     atomic_write_text,
     list_checkpoints,
     load_checkpoint,
@@ -31,6 +34,7 @@ from flatworld.runs.protocol import Agent
 from flatworld.runs.replay import ReplayBuffer
 
 _TRAIN, _EVAL, _ACTIONS, _REPLAY, _DIAG, _EVALUATE = range(6)  # seed streams
+_ROWS = re.compile(r"^rows_(\d+)_(\d+)\.pt$")
 
 
 def derive_seed(*parts: int) -> int:
@@ -164,6 +168,13 @@ def _discounted(rewards: list[float], discount: float) -> float:
     return ret
 
 
+def env_action(env: Any, action: np.ndarray) -> Any:
+    """What `env.step` takes: the index of a one-hot action for a discrete env."""
+    if isinstance(getattr(env, "action_space", None), gym_spaces.Discrete):
+        return int(np.argmax(action))
+    return action
+
+
 def run_episodes(
     env: Any, agent: Agent, seeds: list[int], value: bool = True
 ) -> dict[str, float | list[float]]:
@@ -178,7 +189,7 @@ def run_episodes(
         rewards, done, t = [], False, 0
         while not done:
             action = agent.act(obs, t0=t == 0, eval_mode=True)
-            obs, r, term, trunc, _ = env.step(action)
+            obs, r, term, trunc, _ = env.step(env_action(env, action))
             obs = np.asarray(obs, np.float32)
             rewards.append(float(r))
             done, t = term or trunc, t + 1
@@ -250,7 +261,9 @@ class _Loop:
             )
         self.episode_length = episode_length(self.env)
         obs_space, act_space = self.env.observation_space, self.env.action_space
-        self.action_dim = int(np.prod(act_space.shape))
+        # Discrete actions are one-hot vectors for the agent and the replay, an index for the env.
+        self.discrete = kind == "discrete"
+        self.action_dim = int(act_space.n) if self.discrete else int(np.prod(act_space.shape))
         self.seed_steps = (
             cfg.seed_steps if cfg.seed_steps is not None else max(1000, 5 * self.episode_length)
         )
@@ -261,7 +274,15 @@ class _Loop:
             agent_cfg, obs_shape=tuple(obs_space.shape), action_dim=self.action_dim,
             episode_length=self.episode_length, device=cfg.device,
             total_steps=self._total_updates(entry),
+            **({"discrete": True} if self.discrete else {}),
         )  # fmt: skip
+        # Sequence agents (Dreamer) ask for `seq_len` rows that may cross episodes, and a train
+        # ratio: replayed steps per agent step. Others get H+1-row windows, one update a step.
+        self.seq_len: int | None = getattr(self.agent, "seq_len", None)
+        ratio = getattr(self.agent, "train_ratio", None)
+        rows = self.agent.batch_size * (self.seq_len or 1)
+        self.updates_per_step = float(ratio) / rows if ratio else 1.0
+        self.update_credit = 0.0
         # One row per step plus one per episode start; a run of many short episodes overflows
         # and forgets its oldest rows, which is the ring buffer's ordinary behaviour.
         n = (cfg.buffer_size or cfg.steps) if replay else 1  # evaluate() needs no replay
@@ -284,6 +305,8 @@ class _Loop:
         self.sums: dict[str, float] = {}  # agent update metrics since the last row
         self.count = 0
         self.next_checkpoint = cfg.checkpoint_every
+        self.saved_rows = 0  # replay rows already in checkpoint files
+        self.replay_needs: dict[int, int] = {}  # checkpoint step -> first replay row it needs
 
     def _total_updates(self, entry: Any) -> int:
         """Updates in the whole run (late-phase SAM places its start from it): one per step
@@ -304,18 +327,22 @@ class _Loop:
             "sums": {k: float(v) for k, v in self.sums.items()},
             "count": self.count,
             "next_checkpoint": self.next_checkpoint,
+            "update_credit": self.update_credit,
             "done": self.step >= self.cfg.steps,
             "agent": self.agent.state_dict(),
-            "replay": self.buffer.state_dict(),
-            "diag_batch": self.diag_batch,
+            # The rows themselves are in checkpoints/replay/, written incrementally.
+            "replay": self.buffer.meta_state(),
+            "diag_batch": self._compact(self.diag_batch),
             "action_gen": self.action_gen.get_state(),
             "rng": _rng_state(),
         }
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.agent.load_state_dict(s["agent"])
-        self.buffer.load_state_dict(s["replay"])
-        self.diag_batch = s["diag_batch"]
+        self.buffer.load_meta_state(s["replay"])
+        self._load_replay_rows(s["replay"])
+        self.diag_batch = self._expand(s["diag_batch"])
+        self.update_credit = s["update_credit"]
         self.action_gen.set_state(s["action_gen"])
         for k in (
             "step",
@@ -332,14 +359,85 @@ class _Loop:
         _set_rng_state(s["rng"])
 
     def check_state(self, state: dict[str, Any]) -> None:
-        """Raise ValueError if a loaded checkpoint lacks part of this loop's state."""
+        """Raise ValueError if a loaded checkpoint lacks part of this loop's state, or if
+        replay rows it needs are not on disk."""
         _check_keys(self.state_dict(), state, "checkpoint")
+        meta = state["replay"]
+        self._replay_chunks(meta["total"] - meta["size"], meta["total"])
 
     def check_agent_state(self, state: dict[str, Any]) -> None:
         _check_keys({"step": 0, "agent": self.agent.state_dict()}, state, "checkpoint")
 
     def checkpoint(self) -> None:
-        save_checkpoint(self.run_dir / "checkpoints", self.step, self.state_dict(), keep=2)
+        folder = self.run_dir / "checkpoints"
+        self._save_replay_rows(folder / "replay")
+        save_checkpoint(folder, self.step, self.state_dict(), keep=2)
+        self.replay_needs[self.step] = self.buffer.total - self.buffer.size
+        self._prune_replay(folder)
+
+    # -- replay rows on disk: each checkpoint adds the rows since the previous one -------------
+    def _save_replay_rows(self, folder: Path) -> None:
+        start = max(self.saved_rows, self.buffer.total - self.buffer.size)
+        stop = self.buffer.total
+        if stop > start:
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = self.buffer.rows(start, stop)
+            atomic_write(folder / f"rows_{start:012d}_{stop:012d}.pt",
+                         lambda f: torch.save(rows, f))  # fmt: skip
+        self.saved_rows = stop
+
+    def _chunks(self) -> list[tuple[int, int, Path]]:
+        folder = self.run_dir / "checkpoints" / "replay"
+        if not folder.is_dir():
+            return []
+        found = [(int(m[1]), int(m[2]), p) for p in folder.iterdir()
+                 if (m := _ROWS.match(p.name))]  # fmt: skip
+        return sorted(found)
+
+    def _replay_chunks(self, start: int, stop: int) -> list[tuple[int, int, Path]]:
+        """The row files that cover [start, stop), or ValueError naming the gap."""
+        need, out = start, []
+        for a, b, path in self._chunks():
+            if a <= need < b:
+                out.append((a, b, path))
+                need = b
+            if need >= stop:
+                return out
+        if need >= stop:
+            return out
+        raise ValueError(f"replay rows [{need}, {stop}) are missing from checkpoints/replay")
+
+    def _load_replay_rows(self, meta: dict[str, Any]) -> None:
+        total, start = meta["total"], meta["total"] - meta["size"]
+        for a, _, path in self._chunks():
+            if a >= total:  # written after this checkpoint (by a refused one, or a crash)
+                path.unlink()
+        for a, b, path in self._replay_chunks(start, total):
+            rows = torch.load(path, weights_only=True)
+            lo, hi = max(a, start), min(b, total)
+            self.buffer.put_rows(lo, {k: v[lo - a: hi - a] for k, v in rows.items()})
+        self.saved_rows = total
+        self.replay_needs[self.step] = start
+
+    def _prune_replay(self, folder: Path) -> None:
+        """Drop row files that no kept checkpoint needs (a kept checkpoint this process did not
+        write or load counts as needing every row)."""
+        kept = [step for step, _ in list_checkpoints(folder)]
+        self.replay_needs = {k: v for k, v in self.replay_needs.items() if k in kept}
+        need = min((self.replay_needs.get(step, 0) for step in kept), default=0)
+        for _, b, path in self._chunks():
+            if b <= need:
+                path.unlink()
+
+    def _compact(self, batch: dict[str, torch.Tensor] | None) -> Any:
+        """The held-out batch as stored: observations in the replay's dtype (pixels as uint8)."""
+        if batch is None:
+            return None
+        return {k: v.to(self.buffer.obs.dtype) if k == "obs" else v for k, v in batch.items()}
+
+    @staticmethod
+    def _expand(batch: dict[str, torch.Tensor] | None) -> Any:
+        return None if batch is None else {k: v.float() for k, v in batch.items()}
 
     # -- pieces of a step ---------------------------------------------------------------------
     def _reset(self) -> np.ndarray:
@@ -348,16 +446,36 @@ class _Loop:
         return np.asarray(obs, np.float32)
 
     def _random_action(self) -> np.ndarray:
+        if self.discrete:
+            i = int(torch.randint(self.action_dim, (1,), generator=self.action_gen))
+            return np.eye(self.action_dim, dtype=np.float32)[i]
         a = torch.rand(self.action_dim, generator=self.action_gen) * 2 - 1
         return a.numpy().astype(np.float32)
+
+    def _sample(self, **kw: Any) -> dict[str, torch.Tensor]:
+        if self.seq_len is not None:
+            return self.buffer.sample_sequences(self.agent.batch_size, self.seq_len, **kw)
+        return self.buffer.sample(self.agent.batch_size, self.agent.horizon, **kw)
+
+    def _can_update(self) -> bool:
+        if self.seq_len is not None:
+            return self.buffer.can_sample_sequences(self.seq_len)
+        return self.buffer.can_sample(self.agent.horizon)
+
+    def _updates_due(self) -> int:
+        """Updates this step: the train ratio's credit, spent in whole updates."""
+        self.update_credit += self.updates_per_step
+        n = int(self.update_credit)
+        self.update_credit -= n
+        return n
 
     def _update(self) -> None:
         agent = self.agent
         if self.diag_batch is None:
             # Sampled once, from its own stream, so it does not shift the training samples.
             gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, _DIAG))
-            self.diag_batch = self.buffer.sample(agent.batch_size, agent.horizon, generator=gen)
-        batch = self.buffer.sample(agent.batch_size, agent.horizon, device=self.cfg.device)
+            self.diag_batch = self._sample(generator=gen)
+        batch = self._sample(device=self.cfg.device)
         # Metrics may be tensors: summed where they live and read back only when a row is
         # written, so an update never waits for the device.
         for k, v in agent.update(batch).items():
@@ -426,7 +544,7 @@ class _Loop:
                     action = self._random_action()
                 else:
                     action = np.asarray(self.agent.act(obs, t0=t == 0, eval_mode=False))
-                next_obs, reward, term, trunc, _ = self.env.step(action)
+                next_obs, reward, term, trunc, _ = self.env.step(env_action(self.env, action))
                 if term and not self.episodic:
                     raise RuntimeError(
                         f"{cfg.env} returned terminated=True at step {self.step}, but the agent "
@@ -437,11 +555,12 @@ class _Loop:
                 obs, t, ep_return = np.asarray(next_obs, np.float32), t + 1, ep_return + reward
                 self.step += 1
                 bar.update(1)
-                if self.step >= self.seed_steps and self.buffer.can_sample(self.agent.horizon):
+                if self.step >= self.seed_steps and self._can_update():
                     if self.step == self.seed_steps and self.burst:
                         self._burst(progress)
                     else:
-                        self._update()
+                        for _ in range(self._updates_due()):
+                            self._update()
                 done = term or trunc
                 if done:
                     self.episode += 1

@@ -2,7 +2,12 @@
 
 Rows follow TD-MPC2's layout: an episode of T steps is T+1 rows; row 0 holds the first
 observation, row t>0 holds obs_t with the action, reward and terminal flag that led to it.
-A window of H+1 rows is then one training sequence: obs from all rows, the rest from rows 1..H.
+A window of H+1 rows is then one training sequence: obs from all rows, the rest from rows 1..H
+(TD-MPC2, `sample`). Sequence models (Dreamer) take every field of every row, windows may
+cross episodes, and `is_first` marks the rows that start one (`sample_sequences`).
+
+Rows have absolute numbers (`total` counts every row ever written), so a checkpoint can store
+only the rows added since the previous one (`rows`, `put_rows`; see flatworld.runs.loop).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 from torch import Tensor
 
 _NP_TO_TORCH = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32}
+ROW_FIELDS = ("obs", "action", "reward", "terminated", "first", "episode")
 
 
 class ReplayBuffer:
@@ -36,7 +42,9 @@ class ReplayBuffer:
         self.action = torch.zeros((capacity, action_dim), dtype=torch.float32)
         self.reward = torch.zeros(capacity, dtype=torch.float32)
         self.terminated = torch.zeros(capacity, dtype=torch.bool)
+        self.first = torch.zeros(capacity, dtype=torch.bool)  # the row starts an episode
         self.episode = torch.full((capacity,), -1, dtype=torch.int64)
+        self.total = 0  # rows ever written; row number r lives at index r % capacity
         self.ptr = 0  # next row to write
         self.size = 0  # rows held
         self.num_episodes = 0  # episodes started; the id of the current one is this - 1
@@ -47,13 +55,16 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self.size
 
-    def _write(self, obs: np.ndarray, action: Any, reward: float, terminated: bool) -> None:
+    def _write(self, obs: np.ndarray, action: Any, reward: float, terminated: bool,
+               first: bool = False) -> None:  # fmt: skip
         i = self.ptr
         self.obs[i] = torch.as_tensor(np.asarray(obs)).to(self.obs.dtype)
         self.action[i] = torch.as_tensor(np.asarray(action, np.float32))
         self.reward[i] = float(reward)
         self.terminated[i] = bool(terminated)
+        self.first[i] = first
         self.episode[i] = self.num_episodes - 1
+        self.total += 1
         self.episode_rows += 1
         self.longest = max(self.longest, self.episode_rows)
         self.ptr = (i + 1) % self.capacity
@@ -62,7 +73,7 @@ class ReplayBuffer:
     def start_episode(self, obs: np.ndarray) -> None:
         self.num_episodes += 1
         self.episode_rows = 0
-        self._write(obs, np.zeros(self.action_dim, np.float32), 0.0, False)
+        self._write(obs, np.zeros(self.action_dim, np.float32), 0.0, False, first=True)
 
     def add(self, obs: np.ndarray, action: np.ndarray, reward: float, terminated: bool) -> None:
         """One step: `obs` is the observation reached by taking `action`."""
@@ -129,27 +140,63 @@ class ReplayBuffer:
         }
         return {k: v.to(device) for k, v in batch.items()}
 
-    def state_dict(self) -> dict[str, Any]:
-        n = self.size if self.size < self.capacity else self.capacity
-        return {
-            "capacity": self.capacity,
-            "obs_shape": list(self.obs_shape),
-            "action_dim": self.action_dim,
-            "ptr": self.ptr,
-            "size": self.size,
-            "num_episodes": self.num_episodes,
-            "episode_rows": self.episode_rows,
-            "longest": self.longest,
-            # Rows fill from 0 until the buffer wraps, so the first `size` rows are the data.
-            "obs": self.obs[:n].clone(),
-            "action": self.action[:n].clone(),
-            "reward": self.reward[:n].clone(),
-            "terminated": self.terminated[:n].clone(),
-            "episode": self.episode[:n].clone(),
-            "generator": self.generator.get_state(),
-        }
+    def can_sample_sequences(self, length: int) -> bool:
+        return self.size >= length
 
-    def load_state_dict(self, d: dict[str, Any]) -> None:
+    def sample_sequences(
+        self,
+        batch_size: int,
+        length: int,
+        device: str | torch.device = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Windows of `length` consecutive rows, uniform over the rows held, that may cross
+        episodes: obs (L, B, *obs), action (L, B, A) (the action that led to each obs; zeros
+        on an episode's first row), reward, terminated and is_first (L, B, 1), float32."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
+        if not isinstance(length, int) or length < 1:
+            raise ValueError(f"length={length!r}: expected an int >= 1")
+        if self.size < length:
+            raise ValueError(f"length={length}: the buffer holds {self.size} rows")
+        oldest = (self.ptr - self.size) % self.capacity
+        k = torch.randint(0, self.size - length + 1, (batch_size,),
+                          generator=generator or self.generator)  # fmt: skip
+        idx = (oldest + k[None, :] + torch.arange(length)[:, None]) % self.capacity
+        batch = {
+            "obs": self.obs[idx].float(),
+            "action": self.action[idx],
+            "reward": self.reward[idx].unsqueeze(-1),
+            "terminated": self.terminated[idx].float().unsqueeze(-1),
+            "is_first": self.first[idx].float().unsqueeze(-1),
+        }
+        return {k: v.to(device) for k, v in batch.items()}
+
+    # Incremental persistence: rows by absolute number, plus the small counters.
+    def rows(self, start: int, stop: int) -> dict[str, Tensor]:
+        """Copies of rows [start, stop), all of them still held."""
+        if not (self.total - self.size <= start <= stop <= self.total):
+            raise ValueError(f"rows [{start}, {stop}): the buffer holds rows "
+                             f"[{self.total - self.size}, {self.total})")  # fmt: skip
+        idx = torch.arange(start, stop) % self.capacity
+        return {name: getattr(self, name)[idx].clone() for name in ROW_FIELDS}
+
+    def put_rows(self, start: int, rows: dict[str, Tensor]) -> None:
+        idx = torch.arange(start, start + len(rows["obs"])) % self.capacity
+        for name in ROW_FIELDS:
+            getattr(self, name)[idx] = rows[name]
+
+    def meta_state(self) -> dict[str, Any]:
+        """Everything but the rows."""
+        return {
+            "capacity": self.capacity, "obs_shape": list(self.obs_shape),
+            "action_dim": self.action_dim, "ptr": self.ptr, "size": self.size,
+            "total": self.total, "num_episodes": self.num_episodes,
+            "episode_rows": self.episode_rows, "longest": self.longest,
+            "generator": self.generator.get_state(),
+        }  # fmt: skip
+
+    def load_meta_state(self, d: dict[str, Any]) -> None:
         if (d["capacity"], tuple(d["obs_shape"]), d["action_dim"]) != (
             self.capacity, self.obs_shape, self.action_dim,
         ):  # fmt: skip
@@ -158,9 +205,15 @@ class ReplayBuffer:
                 f"action_dim={d['action_dim']}; this buffer has {self.capacity}, "
                 f"{self.obs_shape}, {self.action_dim}"
             )
-        n = d["obs"].shape[0]
-        for name in ("obs", "action", "reward", "terminated", "episode"):
-            getattr(self, name)[:n] = d[name]
         self.ptr, self.size, self.num_episodes = d["ptr"], d["size"], d["num_episodes"]
-        self.episode_rows, self.longest = d["episode_rows"], d["longest"]
+        self.total, self.episode_rows, self.longest = d["total"], d["episode_rows"], d["longest"]
         self.generator.set_state(d["generator"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole buffer in one dict (the training loop saves rows incrementally instead)."""
+        return {**self.meta_state(), "start": self.total - self.size,
+                **self.rows(self.total - self.size, self.total)}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.load_meta_state(d)
+        self.put_rows(d["start"], {name: d[name] for name in ROW_FIELDS})
