@@ -11,3 +11,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def close_environments():
+    """Every environment a test built is closed when the test ends."""
+    yield
+    import sys
+
+    envs = sys.modules.get("flatworld.envs")
+    if envs is not None:
+        envs.close_all()

@@ -390,3 +390,12 @@ def test_missing_suite_package_is_one_cli_line(tmp_path, capsys):
     err = cli_error(["train", "tdmpc2", "--env", "humanoidbench/h1hand-walk-v0",
                      "--run-dir", str(tmp_path / "r")], capsys)  # fmt: skip
     assert gym_suite.HUMANOIDBENCH_PIP in err and not (tmp_path / "r").exists()
+
+
+def test_close_all_closes_what_make_built():
+    env = envs.make("dmc/cartpole-swingup", seed=0)
+    closed = []
+    real_close = env.close
+    env.close = lambda: (closed.append(1), real_close())[1]
+    envs.close_all()
+    assert closed == [1] and env not in envs._OPEN

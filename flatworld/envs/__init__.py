@@ -8,9 +8,11 @@ the episode length in agent steps. `ENV_SETS` names sets of ids (`atari100k`).
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +27,8 @@ from flatworld.envs import atari, dmc, gym_suite  # noqa: E402
 from flatworld.envs.gym_suite import MissingDependencyError  # noqa: E402
 
 __all__ = [
-    "ENV_SETS", "MissingDependencyError", "Suite", "action_kind", "episode_length", "list_envs",
-    "make", "terminates",
+    "ENV_SETS", "MissingDependencyError", "Suite", "action_kind", "close_all", "episode_length",
+    "list_envs", "make", "terminates",
 ]  # fmt: skip
 
 SUITES = ("dmc", "gym", "humanoidbench", "atari")
@@ -116,7 +118,29 @@ def _unknown(env_id: str) -> ValueError:
     )
 
 
+_OPEN: weakref.WeakSet[gym.Env] = weakref.WeakSet()
+
+
+def close_all() -> None:
+    """Close every environment `make` built that is still alive (runs close their own; this
+    catches the rest at interpreter exit, before the GL libraries are unloaded)."""
+    for env in list(_OPEN):
+        env.close()
+        _OPEN.discard(env)
+
+
+atexit.register(close_all)
+
+
 def make(env_id: str, seed: int = 0, **options: Any) -> gym.Env:
+    """Build a seeded environment (see `_make` for the options); `close_all` closes it at exit
+    if nobody else does."""
+    env = _make(env_id, seed, **options)
+    _OPEN.add(env)
+    return env
+
+
+def _make(env_id: str, seed: int = 0, **options: Any) -> gym.Env:
     """Build a seeded environment.
 
     Options: `action_repeat` (dmc default 2, others 1; rewards are summed over repeats),
