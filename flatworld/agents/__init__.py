@@ -20,6 +20,10 @@ class AgentEntry:
     action_kinds: tuple[str, ...] = ("continuous",)  # flatworld.envs.action_kind values
     # The published trainer's schedule: when seeding ends, as many updates as seed steps.
     seed_burst: bool = False
+    # Random-action steps before the agent acts, from (agent config, episode length), when the
+    # run does not set them. TD-MPC2's rule by default.
+    seed_steps: Callable[[Any, int], int] = lambda cfg, episode_length: max(
+        1000, 5 * episode_length)
 
 
 AGENTS: dict[str, AgentEntry] = {

@@ -73,7 +73,8 @@ class RunConfig:
     env_options: dict[str, Any] = field(default_factory=dict)  # passed to flatworld.envs.make
     seed: int = 1
     steps: int = 100_000
-    seed_steps: int | None = None  # random-action steps; None: max(1000, 5 * episode length)
+    # random-action steps; None: the agent's rule (TD-MPC2: max(1000, 5 * episode length))
+    seed_steps: int | None = None
     # When seeding ends, run as many updates as there were seed steps, in one burst (the
     # published TD-MPC2 trainer does). None: the agent's published default (agent.seed_burst).
     seed_burst: bool | None = field(default=None, metadata={

@@ -265,8 +265,9 @@ class _Loop:
         self.discrete = kind == "discrete"
         self.action_dim = int(act_space.n) if self.discrete else int(np.prod(act_space.shape))
         self.seed_steps = (
-            cfg.seed_steps if cfg.seed_steps is not None else max(1000, 5 * self.episode_length)
-        )
+            cfg.seed_steps if cfg.seed_steps is not None
+            else entry.seed_steps(agent_cfg, self.episode_length)
+        )  # fmt: skip
         burst = entry.seed_burst if cfg.seed_burst is None else cfg.seed_burst
         self.burst = self.seed_steps if burst else 0  # updates run once, when seeding ends
         self.episodic = bool(getattr(agent_cfg, "episodic", True))
