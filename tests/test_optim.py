@@ -188,7 +188,7 @@ def test_sam_off_is_the_base_optimizer_bit_for_bit():
     twin = copy.deepcopy(model)
     built = optim.build(OptimSpec(base="adam", lr=1e-2), model.parameters())
     assert type(built) is torch.optim.Adam
-    plain = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    plain = torch.optim.Adam(twin.parameters(), lr=1e-2, fused=True)
     for _ in range(5):
         for opt, mod in ((built, model), (plain, twin)):
             opt.zero_grad()

