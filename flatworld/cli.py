@@ -1,4 +1,4 @@
-"""flatworld's command line: demo | study | train | eval | envs."""
+"""flatworld's command line: demo | study | train | eval | envs | sweep | report."""
 
 from __future__ import annotations
 
@@ -141,7 +141,63 @@ def _eval(args: argparse.Namespace) -> None:
     print(json.dumps(runs.evaluate(args.run_dir, episodes=args.episodes), indent=1))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _sweep(args: argparse.Namespace) -> None:
+    from flatworld import experiments as ex
+
+    if (args.spec is None) == (args.preset is None):
+        raise ValueError("sweep takes a spec file or --preset NAME (one of them); presets: "
+                         + ", ".join(ex.presets()))
+    spec = ex.load_spec(ex.preset_path(args.preset) if args.preset else args.spec)
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers={args.workers}; accepted: an int >= 1")
+    out = Path(args.out or Path("sweeps") / spec.name)
+    if args.dry_run:
+        from flatworld.experiments.costs import estimate
+
+        why = ex.spec.missing(spec)
+        runs = ex.expand(spec, out, check=not why)
+        print(f"sweep {spec.name}: {len(runs)} runs into {out}/ ({spec.description})")
+        for line in why:
+            print(f"  NOT INSTALLED: {line}")
+        for r in runs:
+            print(f"  {r.run_id:58s} {r.task:28s} seed {r.seed}  {r.label}")
+        print("\n".join(estimate(runs)))
+        return
+    result = ex.run_sweep(spec, out, workers=args.workers, ray_address=args.ray,
+                          progress=not args.no_progress, retry_failed=args.retry_failed)
+    print(f"sweep {out}: {len(result.skipped)} finished before, {len(result.finished)} "
+          f"finished now, {len(result.failed)} failed")
+    for run_id, why in result.failed.items():
+        print(f"FAILED {run_id}: {why}", file=sys.stderr)
+    if result.interrupted:
+        raise SystemExit(130)
+    if result.failed:
+        raise SystemExit(1)
+    print(f"report: flatworld report {out}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from flatworld import experiments as ex
+
+    if args.reps < 10:
+        raise ValueError(f"--reps={args.reps}; accepted: an int >= 10")
+    for d in [args.sweep_dir, *args.run_dirs]:
+        if not Path(d).is_dir():
+            raise ValueError(f"{d} is not a folder: report takes a sweep folder and/or run "
+                             "folders")
+    export = None
+    if args.export is not None:
+        export = Path(args.export or Path(args.out or Path(args.sweep_dir) / "report")
+                      / "results.parquet")
+    path = ex.report([args.sweep_dir, *args.run_dirs], args.out, title=args.title,
+                     reps=args.reps, export=export)
+    print(f"report: {path}")
+    if export is not None:
+        print(f"table: {export}")
+
+
+def build_parser(agent: str = "tdmpc2") -> argparse.ArgumentParser:
+    """The parser; `train`'s agent flags are those of `agent`'s config."""
     parser = argparse.ArgumentParser(prog="flatworld", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -172,20 +228,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=10)
     p.set_defaults(func=_eval)
 
-    _train_parser(sub)
+    p = sub.add_parser(
+        "sweep", help="run a sweep spec (tasks x grid x seeds), locally or on Ray",
+        usage="flatworld sweep SPEC.yaml | --preset NAME [--out DIR] [--workers N] "
+              "[--ray ADDRESS|auto] [--dry-run]",
+        description="Run every run of a sweep spec into one folder; started again it skips "
+                    "finished runs and resumes interrupted ones.")
+    p.add_argument("spec", nargs="?", help="a sweep spec (YAML)")
+    p.add_argument("--preset", metavar="NAME", help="a built-in spec: paper-dmc, "
+                   "paper-humanoidbench, paper-atari100k, and their -smoke variants")
+    p.add_argument("--out", metavar="DIR", help="the sweep folder (default: sweeps/<name>)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local runs at once (default: cores / threads per run)")
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="run on an existing Ray cluster: 'auto' or its address")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the runs and the estimated compute; run nothing")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="try runs again that failed max_attempts times")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("report", help="report.md and figures for a sweep and/or run folders")
+    p.add_argument("sweep_dir", help="a sweep folder (or a run folder)")
+    p.add_argument("run_dirs", nargs="*", help="more run folders to include")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="where to write (default: SWEEP_DIR/report)")
+    p.add_argument("--export", nargs="?", const="", default=None, metavar="PATH",
+                   help="also write the result table as Parquet (default: "
+                        "<out>/results.parquet)")
+    p.add_argument("--title", default="")
+    p.add_argument("--reps", type=int, default=2000, help="bootstrap resamples")
+    p.set_defaults(func=_report)
+
+    _train_parser(sub, agent)
     return parser
 
 
-def _train_parser(sub: Any) -> None:
+def _train_parser(sub: Any, agent: str) -> None:
     from flatworld import optim, runs
-    from flatworld.agents.tdmpc2.config import TDMPC2Config
+    from flatworld.agents import AGENTS
+
+    config_cls = AGENTS[agent].config_cls if agent in AGENTS else AGENTS["tdmpc2"].config_cls
 
     p = sub.add_parser(
         "train", help="train an agent online (or --resume RUN_DIR)",
         usage="flatworld train AGENT [--env ID] [--steps N] [--seed S] [--wm-optim adam|sam] "
               "[--rho R] [options]  |  flatworld train --resume RUN_DIR",
         description="flatworld train tdmpc2 --env dmc/walker-walk --steps 100000 --seed 1 "
-                    "--wm-optim sam --rho 0.05")
+                    "--wm-optim sam --rho 0.05. The agent flags listed are those of "
+                    f"{agent}; `flatworld train AGENT --help` lists another agent's.")
     p.add_argument("agent", nargs="?", help="agent name, e.g. tdmpc2")
     p.add_argument("--resume", metavar="RUN_DIR", help="go on from the run's last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -196,14 +288,26 @@ def _train_parser(sub: Any) -> None:
     sam_fields = _add_dataclass_flags(g, optim.SamSpec, "sam-", "sam_", set())
     run_fields = _add_dataclass_flags(p.add_argument_group("run"), runs.RunConfig, "", "run_",
                                       _RUN_SKIP)
-    agent_fields = _add_dataclass_flags(p.add_argument_group("agent (tdmpc2)"), TDMPC2Config,
+    agent_fields = _add_dataclass_flags(p.add_argument_group(f"agent ({agent})"), config_cls,
                                         "", "agent_", _AGENT_SKIP, _RENAMED)
     p.set_defaults(func=None, run_fields=run_fields, sam_fields=sam_fields,
                    agent_fields=agent_fields, train=p)
 
 
+def _train_agent(argv: list[str]) -> str:
+    """The agent named after `train` (its config decides the agent flags); tdmpc2 if none."""
+    from flatworld.agents import AGENTS
+
+    if argv[:1] == ["train"]:
+        for word in argv[1:]:
+            if not word.startswith("-"):
+                return word if word in AGENTS else "tdmpc2"
+    return "tdmpc2"
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_train_agent(argv))
     args = parser.parse_args(argv)
     if getattr(args, "train", None) is not None:
         _train(args, args.train)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flatworld.agents import tdmpc2
+from flatworld.agents import dreamer, tdmpc2
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,10 @@ class AgentEntry:
 
 AGENTS: dict[str, AgentEntry] = {
     "tdmpc2": AgentEntry(config_cls=tdmpc2.TDMPC2Config, make=tdmpc2.make, seed_burst=True),
+    # DreamerV3 v1 fills the replay with random actions until one batch of sequences fits.
+    "dreamer": AgentEntry(config_cls=dreamer.DreamerConfig, make=dreamer.make,
+                          action_kinds=("continuous", "discrete"),
+                          seed_steps=lambda cfg, _: cfg.batch_size * cfg.seq_len),
 }
 
 __all__ = ["AGENTS", "AgentEntry"]

@@ -1,0 +1,218 @@
+"""DreamerV3 (Hafner et al., 2023; v1 settings) with a drop-in world-model optimizer.
+
+One update, top to bottom:
+  1. targets, once, under no_grad: preprocessed observations (also the decoder's targets),
+     two-hot rewards, continue flags, the reset flags;
+  2. the world-model step: ``wm_optim.step(closure)``; the closure computes the world-model loss
+     only. Every pass replays the first pass's random stream (the latent samples), and clips
+     its own gradient the same way. The first pass keeps its posterior states, detached;
+  3. the actor-critic step in imagination from those posterior states: the states of the
+     unperturbed weights, whichever optimizer trained the world model.
+The actor and the critic cannot tell which optimizer trained the world model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn.utils import clip_grad_norm_
+
+from flatworld import optim
+from flatworld.agents.dreamer.actor_critic import ActorCritic
+from flatworld.agents.dreamer.config import DreamerConfig
+from flatworld.agents.dreamer.world_model import WorldModel
+
+try:  # measurement lives in flatworld.sharpness; the agent trains without it
+    from flatworld import sharpness
+except ImportError:  # pragma: no cover
+    sharpness = None
+
+_ACT_KEYS = ("deter", "stoch", "action")
+
+
+class DreamerAgent:
+    def __init__(self, cfg: DreamerConfig, obs_shape: Sequence[int], action_dim: int,
+                 episode_length: int, device: str | torch.device = "cpu",
+                 total_steps: int | None = None, discrete: bool = False) -> None:  # fmt: skip
+        self.cfg = cfg.validate()
+        self.device = torch.device(device)
+        self.batch_size, self.seq_len = cfg.batch_size, cfg.seq_len
+        self.train_ratio = cfg.train_ratio
+        self.horizon = cfg.seq_len - 1  # the loop's legacy window length
+        self.discount = cfg.discount
+        self.discrete, self.action_dim = bool(discrete), action_dim
+        self.episode_length = episode_length
+        # None (the suite did not say): trust the terminated flags of the batch.
+        self.episodic = True if cfg.episodic is None else bool(cfg.episodic)
+        self.world_model = WorldModel(cfg, obs_shape, action_dim).to(self.device)
+        # The one place the world-model optimizer is built; SAM or not is cfg.wm_optim's choice.
+        self._wm_params = list(self.world_model.parameters())
+        self.wm_optim = optim.build(cfg.wm_optim, self._wm_params, total_steps=total_steps)
+        self.ac = ActorCritic(cfg, self.world_model.seq.feat_dim, action_dim, self.discrete,
+                              self.world_model.two_hot, self.episodic).to(self.device)  # fmt: skip
+        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {"foreach": True}
+        self.actor_optim = torch.optim.Adam(self.ac.actor.parameters(), lr=cfg.actor_lr,
+                                            eps=cfg.actor_eps, **fused)  # fmt: skip
+        self.critic_optim = torch.optim.Adam(self.ac.critic.parameters(), lr=cfg.critic_lr,
+                                             eps=cfg.critic_eps, **fused)  # fmt: skip
+        self._act_state: dict[str, dict[str, Tensor]] = {}  # "train" and "eval" episodes
+        self.updates = 0
+
+    # ---- acting --------------------------------------------------------------------------
+    def _obs(self, obs: np.ndarray) -> Tensor:
+        return torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)[None]
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, t0: bool = False, eval_mode: bool = False) -> np.ndarray:
+        """One action; the recurrent state (and the previous action) is kept between calls,
+        apart for training and evaluation episodes, and reset when ``t0``."""
+        seq = self.world_model.seq
+        key = "eval" if eval_mode else "train"
+        prev = self._act_state.get(key)
+        if t0 or prev is None:
+            state = seq.initial(1)
+            action = torch.zeros(1, self.action_dim, device=self.device)
+        else:
+            state, action = prev, prev["action"]
+        post = seq.obs_step(state, action, self.world_model.embed(self._obs(obs)))
+        params = self.ac.actor(seq.feat(post))
+        a = self.ac.actor.mode(params) if eval_mode else self.ac.actor.sample(params)
+        if not self.discrete:
+            a = a.clamp(-1.0, 1.0)
+        self._act_state[key] = {"deter": post["deter"], "stoch": post["stoch"], "action": a}
+        return a[0].cpu().numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def value(self, obs: np.ndarray) -> float:
+        """The critic at an episode's first observation (posterior mode: no randomness)."""
+        seq = self.world_model.seq
+        action = torch.zeros(1, self.action_dim, device=self.device)
+        post = seq.obs_step(seq.initial(1), action, self.world_model.embed(self._obs(obs)),
+                            sample=False)  # fmt: skip
+        return float(self.ac.value(seq.feat(post)).item())
+
+    # ---- targets and the world-model loss --------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Everything the loss needs that does not depend on the weights, computed once."""
+        wm = self.world_model
+        is_first = batch["is_first"].clone()
+        is_first[0] = 1.0  # every replayed sequence starts from the initial state
+        cont = 1.0 - batch["terminated"] if self.episodic else torch.ones_like(batch["reward"])
+        return {"obs": wm.preprocess(batch["obs"]), "action": batch["action"],
+                "is_first": is_first, "reward_probs": wm.two_hot.encode(batch["reward"]),
+                "cont": cont}  # fmt: skip
+
+    # ---- one update ----------------------------------------------------------------------
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        cfg = self.cfg
+        data = self.prepare(batch)
+        first: dict[str, Any] = {"calls": 0}
+
+        def closure() -> Tensor:
+            k = first["calls"]
+            first["calls"] = k + 1
+            # Every pass replays the first pass's random stream (the latent samples), so SAM
+            # perturbs one fixed loss function, and SAM on or off consumes the same randomness.
+            if k == 0:
+                first["rng"] = self._rng_state()
+            else:
+                self._set_rng_state(first["rng"])
+            loss, parts, post = self.world_model.loss(data)
+            loss.backward()
+            # Each pass clips its own gradient by the same rule. Clipping is a uniform scale,
+            # so the ascent direction g/|g| is unchanged and the SAM gradient is clipped as a
+            # plain gradient would be.
+            norm = clip_grad_norm_(self._wm_params, cfg.wm_grad_clip, foreach=True)
+            if k == 0:  # imagination starts from the unperturbed weights' posteriors
+                first.update(parts, post={k2: v.detach() for k2, v in post.items()},
+                             wm_grad_norm=norm)  # fmt: skip
+            return loss
+
+        self.world_model.train()
+        self.wm_optim.zero_grad(set_to_none=True)
+        self.wm_optim.step(closure)
+        self.wm_optim.zero_grad(set_to_none=True)
+
+        start = self.world_model.seq.imagine_start(first["post"])
+        cont0 = data["cont"].flatten(0, 1)
+        ac = self.train_actor_critic(start, cont0)
+        self.updates += 1
+        keys = ["wm_loss", "recon_loss", "reward_loss", "cont_loss", "dyn_loss", "rep_loss", "kl",
+                "wm_grad_norm"]
+        vals = [first[k].detach().float() for k in keys] + [v.float() for v in ac.values()]
+        # Tensors, not floats: the caller reads them when it logs, so the update never syncs.
+        out = dict(zip(keys + list(ac), torch.stack(vals), strict=True))
+        out["sam_passes"] = torch.tensor(float(first["calls"]))
+        return out
+
+    def train_actor_critic(self, start: dict[str, Tensor], cont0: Tensor) -> dict[str, Tensor]:
+        """The actor-critic step from start states (N, ...), with 1 - terminated there."""
+        return self.ac.update(self.world_model, start, cont0, self.actor_optim,
+                              self.critic_optim)  # fmt: skip
+
+    def _rng_state(self) -> Tensor:
+        if self.device.type == "cuda":
+            return torch.cuda.get_rng_state(self.device)
+        return torch.get_rng_state()
+
+    def _set_rng_state(self, state: Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
+
+    # ---- measurement only: weights, gradients, optimizer state and the RNG are untouched ----
+    def diagnostics(self, batch: dict[str, Tensor], lambda_max: bool = False) -> dict[str, float]:
+        sam = self.cfg.wm_optim.sam
+        rho = float(sam.rho) if sam is not None and sam.rho > 0 else 0.05
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            data = self.prepare(batch)
+
+            def loss_fn() -> Tensor:
+                torch.manual_seed(0)  # the same latent samples in every evaluation
+                return self.world_model.loss(data)[0]
+
+            with torch.no_grad():
+                torch.manual_seed(0)
+                _, parts, post = self.world_model.loss(data)
+            out = {"wm_loss": float(parts["wm_loss"]), "model_error": float(parts["kl"])}
+            nan = float("nan")
+            out["wm_sharpness"] = (sharpness.first_order(loss_fn, self._wm_params, rho)
+                                   if sharpness is not None else nan)  # fmt: skip
+            if lambda_max:
+                out["wm_lambda_max"] = (
+                    sharpness.lambda_max(loss_fn, self._wm_params, iters=20).value
+                    if sharpness is not None else nan)  # fmt: skip
+        return out
+
+    # ---- checkpointing: tensors, numbers, nested containers (torch.load(weights_only=True)) ---
+    def state_dict(self) -> dict[str, Any]:
+        return {"world_model": self.world_model.state_dict(), "ac": self.ac.state_dict(),
+                "wm_optim": self.wm_optim.state_dict(),
+                "actor_optim": self.actor_optim.state_dict(),
+                "critic_optim": self.critic_optim.state_dict(), "updates": self.updates,
+                "act_state": {k: {n: s[n].clone() for n in _ACT_KEYS}
+                              for k, s in self._act_state.items()}}  # fmt: skip
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.world_model.load_state_dict(d["world_model"])
+        self.ac.load_state_dict(d["ac"])
+        self.wm_optim.load_state_dict(d["wm_optim"])
+        self.actor_optim.load_state_dict(d["actor_optim"])
+        self.critic_optim.load_state_dict(d["critic_optim"])
+        self.updates = int(d["updates"])
+        self._act_state = {k: {n: s[n].to(self.device) for n in _ACT_KEYS}
+                           for k, s in d["act_state"].items()}  # fmt: skip
+
+
+def make(cfg: DreamerConfig, obs_shape: Sequence[int], action_dim: int, episode_length: int,
+         device: str | torch.device = "cpu", total_steps: int | None = None,
+         discrete: bool = False) -> DreamerAgent:  # fmt: skip
+    """The registry's factory; ``total_steps`` (updates) is needed by late-phase SAM only."""
+    return DreamerAgent(cfg, obs_shape, action_dim, episode_length, device, total_steps, discrete)

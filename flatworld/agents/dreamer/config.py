@@ -1,0 +1,147 @@
+"""DreamerV3 hyperparameters, all in one place. Defaults follow DreamerV3 v1 (the 2023 paper's
+settings, small model, as used on Atari-100k); see ../shared/reference/README.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flatworld import optim
+
+# DreamerV3 v1's model-size table (the 2023 paper's appendix): GRU units, MLP units and layers,
+# CNN depth multiplier. S is the Atari-100k model (about 15.7M world-model parameters on 64x64
+# pixels). XS, M and L are the paper's other rows; its XL (GRU 4096) is left out.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "XS": dict(deter=256, units=256, layers=1, cnn_depth=24),
+    "S": dict(deter=512, units=512, layers=2, cnn_depth=32),
+    "M": dict(deter=1024, units=640, layers=3, cnn_depth=48),
+    "L": dict(deter=2048, units=768, layers=4, cnn_depth=64),
+}
+SEQUENCE_MODELS = ("rssm",)  # a later issue adds "transformer"
+
+
+def default_wm_optim() -> optim.OptimSpec:
+    return optim.OptimSpec(base="adam", lr=1e-4, eps=1e-8, sam=None)
+
+
+@dataclass
+class DreamerConfig:
+    # architecture; deter/units/layers/cnn_depth override the size table when set (tiny tests)
+    model_size: str = field(default="S", metadata={"choices": tuple(MODEL_SIZES)})
+    sequence_model: str = field(default="rssm", metadata={"choices": SEQUENCE_MODELS})
+    deter: int | None = None
+    units: int | None = None
+    layers: int | None = None
+    cnn_depth: int | None = None
+    stoch: int = 32  # categorical latents ...
+    classes: int = 32  # ... of this many classes each
+    unimix: float = 0.01  # uniform mixture of latent, actor (discrete) distributions
+    num_bins: int = 255  # symlog two-hot bins for reward and critic ...
+    bin_min: float = -20.0  # ... evenly spaced on [bin_min, bin_max] in symlog space
+    bin_max: float = 20.0
+    # The continue head is always trained; episodic False makes its targets all 1.
+    # None: set by the run from the env suite (on where its tasks can terminate).
+    episodic: bool | None = field(default=None, metadata={
+        "help": "default: follows the env suite (on where its tasks can terminate)"})
+    # world-model objective
+    kl_dyn: float = 0.5
+    kl_rep: float = 0.1
+    free_bits: float = 1.0
+    decoder_scale: float = 1.0
+    reward_scale: float = 1.0
+    cont_scale: float = 1.0
+    # replay and schedule
+    batch_size: int = 16
+    seq_len: int = 64
+    train_ratio: int = 1024  # replayed steps per env step: 1024 / (16 x 64) = 1 update per step
+    # actor-critic in imagination
+    imag_horizon: int = 15
+    discount: float = 0.997
+    lam: float = 0.95
+    entropy: float = 3e-4
+    slow_critic_fraction: float = 0.02
+    slow_reg: float = 1.0
+    retnorm_decay: float = 0.99
+    retnorm_low: float = 0.05  # percentiles of the return normaliser
+    retnorm_high: float = 0.95
+    retnorm_max: float = 1.0  # returns are divided by max(1 / retnorm_max, high - low)
+    actor_min_std: float = 0.1  # continuous actions
+    actor_max_std: float = 1.0
+    # optimisation: the world-model optimizer is this spec; SAM or not is the spec's choice
+    wm_optim: optim.OptimSpec = field(default_factory=default_wm_optim)
+    wm_grad_clip: float = 1000.0
+    actor_lr: float = 3e-5
+    actor_eps: float = 1e-5
+    actor_grad_clip: float = 100.0
+    critic_lr: float = 3e-5
+    critic_eps: float = 1e-5
+    critic_grad_clip: float = 100.0
+
+    def dims(self) -> dict[str, int]:
+        """The resolved widths: the size table, overridden by any field that is set."""
+        d = dict(MODEL_SIZES.get(self.model_size, MODEL_SIZES["S"]))
+        for k in ("deter", "units", "layers", "cnn_depth"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
+        return d
+
+    def validate(self) -> DreamerConfig:
+        def check(ok: bool, name: str, accepted: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r}; accepted: {accepted}")
+
+        check(self.model_size in MODEL_SIZES, "model_size", f"one of {tuple(MODEL_SIZES)}")
+        check(self.sequence_model in SEQUENCE_MODELS, "sequence_model",
+              f"one of {SEQUENCE_MODELS}")  # fmt: skip
+        check(self.episodic in (None, True, False), "episodic",
+              "None (follow the env suite), True or False")  # fmt: skip
+        for k in ("deter", "units", "layers", "cnn_depth"):
+            check(getattr(self, k) is None or _pos_int(getattr(self, k)), k, "None or an int >= 1")
+        for k in ("stoch", "classes", "batch_size", "imag_horizon", "train_ratio"):
+            check(_pos_int(getattr(self, k)), k, "an int >= 1")
+        check(_pos_int(self.classes) and self.classes >= 2, "classes", "an int >= 2")
+        check(_pos_int(self.seq_len) and self.seq_len >= 2, "seq_len", "an int >= 2")
+        check(_pos_int(self.num_bins) and self.num_bins >= 2, "num_bins", "an int >= 2")
+        check(self.bin_min < self.bin_max, "bin_max", f"> bin_min={self.bin_min}")
+        check(0.0 <= self.unimix < 1.0, "unimix", "0 <= unimix < 1")
+        for k in ("kl_dyn", "kl_rep", "free_bits", "decoder_scale", "reward_scale",
+                  "cont_scale", "entropy", "slow_reg"):  # fmt: skip
+            check(getattr(self, k) >= 0.0, k, "a float >= 0")
+        check(0.0 < self.discount <= 1.0, "discount", "0 < discount <= 1")
+        check(0.0 <= self.lam <= 1.0, "lam", "0 <= lam <= 1")
+        check(0.0 < self.slow_critic_fraction <= 1.0, "slow_critic_fraction", "0 < x <= 1")
+        check(0.0 <= self.retnorm_decay < 1.0, "retnorm_decay", "0 <= decay < 1")
+        check(0.0 <= self.retnorm_low < self.retnorm_high <= 1.0, "retnorm_high",
+              f"retnorm_low={self.retnorm_low} < retnorm_high <= 1")  # fmt: skip
+        check(0.0 < self.actor_min_std < self.actor_max_std, "actor_max_std",
+              f"> actor_min_std={self.actor_min_std} > 0")  # fmt: skip
+        for k in ("retnorm_max", "wm_grad_clip", "actor_lr", "actor_eps", "actor_grad_clip",
+                  "critic_lr", "critic_eps", "critic_grad_clip"):  # fmt: skip
+            check(getattr(self, k) > 0.0, k, "a float > 0")
+        check(hasattr(self.wm_optim, "base") and hasattr(self.wm_optim, "sam"), "wm_optim",
+              "a flatworld.optim.OptimSpec")  # fmt: skip
+        sam = self.wm_optim.sam
+        if sam is not None and getattr(sam, "m", None) is not None:
+            # The closure runs the whole sequence batch through the recurrent model; a chunked
+            # (m-sharpness) closure does not fit this agent.
+            raise ValueError(f"wm_optim.sam.m={sam.m!r}; accepted: None for dreamer")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DreamerConfig:
+        d = dict(d)
+        if isinstance(d.get("wm_optim"), dict):
+            spec = dict(d["wm_optim"])
+            if "betas" in spec:  # YAML gives lists
+                spec["betas"] = tuple(spec["betas"])
+            if isinstance(spec.get("sam"), dict):
+                spec["sam"] = optim.SamSpec(**spec["sam"])
+            d["wm_optim"] = optim.OptimSpec(**spec)
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown DreamerConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+def _pos_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1

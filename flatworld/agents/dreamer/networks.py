@@ -1,0 +1,152 @@
+"""Dreamer's networks: dense layers with LayerNorm and SiLU, a CNN encoder/decoder for 64x64
+pixels, MLPs for vector observations, and the MLP heads (reward, continue, actor, critic).
+
+Weights start from DreamerV3's initialiser: a truncated normal scaled by the mean of fan-in and
+fan-out. Output layers take an ``out_scale``; 0 starts the layer at zero (reward and critic).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flatworld.nn import symlog
+
+LN_EPS = 1e-3  # DreamerV3's LayerNorm epsilon
+_TRUNC_STD = 0.87962566103423978  # std of a unit normal truncated at +-2
+
+
+def init_(layer: nn.Linear | nn.Conv2d | nn.ConvTranspose2d, scale: float = 1.0,
+          fan: float | None = None) -> None:  # fmt: skip
+    """Truncated-normal init with variance scale / fan_avg; ``fan`` overrides fan_avg."""
+    with torch.no_grad():
+        if scale == 0.0:
+            layer.weight.zero_()
+        else:
+            fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)
+            if isinstance(layer, nn.ConvTranspose2d):  # torch stores (in, out, k, k)
+                fan_in, fan_out = fan_out, fan_in
+            std = math.sqrt(scale / (fan if fan is not None else (fan_in + fan_out) / 2))
+            std /= _TRUNC_STD
+            nn.init.trunc_normal_(layer.weight, 0.0, std, -2 * std, 2 * std)
+        if layer.bias is not None:
+            layer.bias.zero_()
+
+
+class Dense(nn.Sequential):
+    """Linear (no bias: the norm has one) -> LayerNorm -> SiLU."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        linear = nn.Linear(in_dim, out_dim, bias=False)
+        init_(linear)
+        super().__init__(linear, nn.LayerNorm(out_dim, eps=LN_EPS), nn.SiLU())
+
+
+def mlp(in_dim: int, units: int, layers: int, out_dim: int | None = None,
+        out_scale: float = 1.0) -> nn.Sequential:  # fmt: skip
+    """``layers`` Dense layers of ``units``, then (if ``out_dim``) a Linear output layer."""
+    dims = [in_dim] + [units] * layers
+    mods: list[nn.Module] = [Dense(dims[i], dims[i + 1]) for i in range(layers)]
+    if out_dim is not None:
+        out = nn.Linear(dims[-1], out_dim)
+        init_(out, out_scale)
+        mods.append(out)
+    return nn.Sequential(*mods)
+
+
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor (a free permute in channels_last)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def preprocess(obs: Tensor, pixels: bool) -> Tensor:
+    """Network input and decoder target: pixels in [0, 255] -> [-0.5, 0.5]; vectors -> symlog."""
+    return obs / 255.0 - 0.5 if pixels else symlog(obs)
+
+
+class ConvEncoder(nn.Module):
+    """(..., C, 64, 64) preprocessed pixels -> (..., out_dim): stride-2 4x4 convs halve the
+    resolution down to 4x4 while the channels double from ``depth``."""
+
+    def __init__(self, obs_shape: Sequence[int], depth: int) -> None:
+        super().__init__()
+        c, h, w = obs_shape
+        if (h, w) != (64, 64):
+            raise ValueError(f"pixel obs_shape={tuple(obs_shape)}; accepted: (C, 64, 64)")
+        layers: list[nn.Module] = []
+        for i in range(4):  # 64 -> 32 -> 16 -> 8 -> 4
+            out = depth * 2**i
+            conv = nn.Conv2d(c, out, 4, stride=2, padding=1, bias=False)
+            init_(conv)
+            layers += [conv, ChannelNorm(out, eps=LN_EPS), nn.SiLU()]
+            c = out
+        self.net = nn.Sequential(*layers)
+        self.out_dim = c * 4 * 4
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-3]
+        x = x.reshape(-1, *x.shape[-3:]).contiguous(memory_format=torch.channels_last)
+        return self.net(x).flatten(1).reshape(*lead, self.out_dim)
+
+
+class ConvDecoder(nn.Module):
+    """(..., feat) -> (..., C, 64, 64): a Linear to 4x4 maps, then stride-2 transposed convs."""
+
+    def __init__(self, feat_dim: int, obs_shape: Sequence[int], depth: int) -> None:
+        super().__init__()
+        self.obs_shape = tuple(obs_shape)
+        self.top = depth * 8
+        self.proj = nn.Linear(feat_dim, self.top * 16)
+        init_(self.proj)
+        layers: list[nn.Module] = []
+        c = self.top
+        for i in range(3):  # 4 -> 8 -> 16 -> 32, then a last layer to 64 without norm
+            out = depth * 2 ** (2 - i)
+            conv = nn.ConvTranspose2d(c, out, 4, stride=2, padding=1, bias=False)
+            init_(conv)
+            layers += [conv, ChannelNorm(out, eps=LN_EPS), nn.SiLU()]
+            c = out
+        last = nn.ConvTranspose2d(c, self.obs_shape[0], 4, stride=2, padding=1)
+        init_(last)
+        layers.append(last)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, feat: Tensor) -> Tensor:
+        lead = feat.shape[:-1]
+        x = self.proj(feat.reshape(-1, feat.shape[-1])).unflatten(-1, (self.top, 4, 4))
+        x = self.net(x.contiguous(memory_format=torch.channels_last))
+        return x.reshape(*lead, *self.obs_shape)
+
+
+class MLPEncoder(nn.Module):
+    """(..., obs_dim) symlogged vectors -> (..., units)."""
+
+    def __init__(self, obs_dim: int, units: int, layers: int) -> None:
+        super().__init__()
+        self.net = mlp(obs_dim, units, layers)
+        self.out_dim = units
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class MLPDecoder(nn.Module):
+    """(..., feat) -> (..., obs_dim) in symlog space."""
+
+    def __init__(self, feat_dim: int, obs_dim: int, units: int, layers: int) -> None:
+        super().__init__()
+        self.net = mlp(feat_dim, units, layers, obs_dim)
+
+    def forward(self, feat: Tensor) -> Tensor:
+        return self.net(feat)
+
+
+def recon_loss(pred: Tensor, target: Tensor, obs_ndim: int) -> Tensor:
+    """Squared error summed over an observation's dims: (..., *obs) -> (...)."""
+    return F.mse_loss(pred, target, reduction="none").flatten(-obs_ndim).sum(-1)

@@ -1,0 +1,90 @@
+"""The sequence-model seam of the Dreamer family, and the categorical latents it shares.
+
+The agent talks to its sequence model (the RSSM here; a transformer later) only through
+:class:`SequenceModel`. A state is a dict of tensors with leading batch dims; every state holds
+``stoch`` (flattened one-hot samples, straight-through) and ``logits`` (the log-probabilities of
+the categorical latents, after the uniform mixture), and ``feat(state)`` is what the decoder,
+the heads, the actor and the critic see.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+State = dict[str, Tensor]
+
+
+class SequenceModel(nn.Module):
+    """What the Dreamer agent needs from a sequence model.
+
+    - ``initial(batch_size)``: the state before an episode's first observation;
+    - ``observe(embed (T,B,E), action (T,B,A), is_first (T,B,1), state=None)``:
+      ``(post, prior, feat)``; ``action[t]`` is the action that led to observation ``t``;
+      where ``is_first`` is 1 the state and the previous action are reset first;
+    - ``obs_step(state, action, embed, sample)``: one step of ``observe`` (acting);
+    - ``imagine_step(state, action, sample)``: the prior's next state, without an observation;
+    - ``imagine_start(post)``: every posterior state of a (T, B) batch as (T*B) start states.
+    """
+
+    feat_dim: int
+
+    def initial(self, batch_size: int) -> State:
+        raise NotImplementedError
+
+    def observe(self, embed: Tensor, action: Tensor, is_first: Tensor,
+                state: State | None = None) -> tuple[State, State, Tensor]:  # fmt: skip
+        raise NotImplementedError
+
+    def obs_step(self, state: State, action: Tensor, embed: Tensor,
+                 sample: bool = True) -> State:  # fmt: skip
+        raise NotImplementedError
+
+    def imagine_step(self, state: State, action: Tensor, sample: bool = True) -> State:
+        raise NotImplementedError
+
+    def feat(self, state: State) -> Tensor:
+        raise NotImplementedError
+
+    def imagine_start(self, post: State) -> State:
+        return {k: v.detach().flatten(0, 1) for k, v in post.items()}
+
+
+# ---- categorical latents -----------------------------------------------------------------
+def unimix_logits(logits: Tensor, unimix: float) -> Tensor:
+    """Log-probabilities of (1 - unimix) softmax(logits) + unimix / classes, over the last dim."""
+    if unimix == 0.0:
+        return F.log_softmax(logits, dim=-1)
+    probs = F.softmax(logits, dim=-1) * (1.0 - unimix) + unimix / logits.shape[-1]
+    return probs.log()
+
+
+def onehot_sample(logp: Tensor, noise: Tensor) -> Tensor:
+    """One-hot samples of categoricals ``logp`` (..., C) by inverse CDF from uniform ``noise``
+    (..., 1), with straight-through gradients (one-hot forward, the probabilities' backward)."""
+    probs = logp.exp()
+    idx = (probs.cumsum(-1) < noise).sum(-1, keepdim=True).clamp_max(logp.shape[-1] - 1)
+    hard = torch.zeros_like(probs).scatter_(-1, idx, 1.0)
+    if probs.requires_grad:
+        hard = hard + (probs - probs.detach())
+    return hard
+
+
+def onehot_mode(logp: Tensor) -> Tensor:
+    return F.one_hot(logp.argmax(-1), logp.shape[-1]).to(logp.dtype)
+
+
+def kl_terms(post: Tensor, prior: Tensor, free_bits: float) -> tuple[Tensor, Tensor, Tensor]:
+    """KL balancing with free bits on latents (..., S, C) of log-probabilities.
+
+    Returns (dyn, rep, kl), each (...): dyn = max(free, KL(sg(post) || prior)) trains the prior,
+    rep = max(free, KL(post || sg(prior))) trains the posterior, kl = KL(post || prior) (no
+    gradient, no floor). KLs are summed over the S latents.
+    """
+    p = post.exp()
+    p_sg, post_sg, prior_sg = p.detach(), post.detach(), prior.detach()
+    dyn = (p_sg * (post_sg - prior)).sum((-2, -1))
+    rep = (p * (post - prior_sg)).sum((-2, -1))
+    kl = (p_sg * (post_sg - prior_sg)).sum((-2, -1))
+    return dyn.clamp_min(free_bits), rep.clamp_min(free_bits), kl

@@ -1,0 +1,85 @@
+"""Dreamer's world model: encoder, sequence model, decoder, reward and continue heads, and its
+loss. Everything here is trained by the one world-model optimizer (``cfg.wm_optim``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flatworld.agents.dreamer.config import DreamerConfig
+from flatworld.agents.dreamer.networks import (
+    ConvDecoder,
+    ConvEncoder,
+    MLPDecoder,
+    MLPEncoder,
+    mlp,
+    preprocess,
+    recon_loss,
+)
+from flatworld.agents.dreamer.rssm import RSSM
+from flatworld.agents.dreamer.sequence import SequenceModel, State, kl_terms
+from flatworld.nn import TwoHot, soft_cross_entropy
+
+
+def make_sequence_model(cfg: DreamerConfig, embed_dim: int, action_dim: int) -> SequenceModel:
+    d = cfg.dims()
+    if cfg.sequence_model == "rssm":
+        return RSSM(embed_dim, action_dim, d["deter"], d["units"], cfg.stoch, cfg.classes,
+                    cfg.unimix)  # fmt: skip
+    raise ValueError(f"sequence_model={cfg.sequence_model!r}; accepted: 'rssm'")
+
+
+class WorldModel(nn.Module):
+    def __init__(self, cfg: DreamerConfig, obs_shape: Sequence[int], action_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dims()
+        self.obs_shape = tuple(obs_shape)
+        self.pixels = len(self.obs_shape) == 3
+        if not self.pixels and len(self.obs_shape) != 1:
+            raise ValueError(f"obs_shape={self.obs_shape}; accepted: (C, 64, 64) or (dim,)")
+        if self.pixels:
+            self.encoder: nn.Module = ConvEncoder(self.obs_shape, d["cnn_depth"])
+        else:
+            self.encoder = MLPEncoder(self.obs_shape[0], d["units"], d["layers"])
+        self.seq = make_sequence_model(cfg, self.encoder.out_dim, action_dim)
+        feat = self.seq.feat_dim
+        if self.pixels:
+            self.decoder: nn.Module = ConvDecoder(feat, self.obs_shape, d["cnn_depth"])
+        else:
+            self.decoder = MLPDecoder(feat, self.obs_shape[0], d["units"], d["layers"])
+        self.reward = mlp(feat, d["units"], d["layers"], cfg.num_bins, out_scale=0.0)
+        self.cont = mlp(feat, d["units"], d["layers"], 1)
+        self.two_hot = TwoHot(cfg.num_bins, cfg.bin_min, cfg.bin_max)
+
+    def preprocess(self, obs: Tensor) -> Tensor:
+        return preprocess(obs, self.pixels)
+
+    def embed(self, obs: Tensor) -> Tensor:
+        """Raw observations (..., *obs_shape) -> embeddings (..., E)."""
+        return self.encoder(self.preprocess(obs))
+
+    def reward_mean(self, feat: Tensor) -> Tensor:
+        return self.two_hot.decode(self.reward(feat))
+
+    def loss(self, data: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], State]:
+        """World-model loss on prepared data (see ``DreamerAgent.prepare``): the loss, its
+        parts (0-dim, detached) and the posterior states. Predictions only: every target in
+        ``data`` was computed before."""
+        cfg = self.cfg
+        post, prior, feat = self.seq.observe(self.encoder(data["obs"]), data["action"],
+                                             data["is_first"])  # fmt: skip
+        rec = recon_loss(self.decoder(feat), data["obs"], len(self.obs_shape))  # (T, B)
+        rew = soft_cross_entropy(self.reward(feat), data["reward_probs"]).squeeze(-1)
+        cont = F.binary_cross_entropy_with_logits(self.cont(feat), data["cont"],
+                                                  reduction="none").squeeze(-1)  # fmt: skip
+        dyn, rep, kl = kl_terms(post["logits"], prior["logits"], cfg.free_bits)
+        per_step = (cfg.decoder_scale * rec + cfg.reward_scale * rew + cfg.cont_scale * cont
+                    + cfg.kl_dyn * dyn + cfg.kl_rep * rep)  # fmt: skip
+        loss = per_step.mean()
+        parts = {"wm_loss": loss, "recon_loss": rec.mean(), "reward_loss": rew.mean(),
+                 "cont_loss": cont.mean(), "dyn_loss": dyn.mean(), "rep_loss": rep.mean(),
+                 "kl": kl.mean()}  # fmt: skip
+        return loss, {k: v.detach() for k, v in parts.items()}, post

@@ -1,0 +1,72 @@
+"""DreamerV3 end to end through flatworld.runs on real envs (tiny models): Atari pixels with
+discrete actions, Gymnasium vectors with discrete actions, DMC with continuous actions."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from flatworld import cli, optim
+from flatworld.agents.dreamer import DreamerConfig
+from flatworld.runs import RunConfig, resume, train
+from flatworld.runs.logger import read_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TIMING = {"sps", "wall_s"}
+
+
+def tiny(sam: bool = False, **kw) -> DreamerConfig:
+    spec = optim.OptimSpec(lr=1e-3, eps=1e-8, sam=optim.SamSpec(rho=0.1) if sam else None)
+    base = dict(model_size="XS", deter=16, units=16, layers=1, cnn_depth=2, stoch=4, classes=4,
+                batch_size=2, seq_len=8, train_ratio=8, imag_horizon=3, wm_optim=spec)
+    return DreamerConfig(**{**base, **kw})
+
+
+def run_cfg(run_dir, env, steps=60, **kw) -> RunConfig:
+    base = dict(env=env, seed=5, steps=steps, seed_steps=20, eval_every=30, eval_episodes=1,
+                diag_every=30, checkpoint_every=10, log_every=10, run_dir=str(run_dir),
+                tensorboard=False)  # fmt: skip
+    return RunConfig(**{**base, **kw})
+
+
+def numbers(run_dir):
+    return [{k: v for k, v in r.items() if k not in TIMING}
+            for r in read_metrics(run_dir / "metrics.csv")]
+
+
+CASES = {
+    "atari": dict(env="atari/Pong", env_options={"max_frames": 160}),
+    "gym": dict(env="gym/CartPole-v1", env_options={"episode_length": 25}),
+    "dmc": dict(env="dmc/cartpole-swingup", env_options={"episode_length": 25}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_killed_dreamer_run_resumes_to_identical_metrics(tmp_path, case):
+    kw, sam = CASES[case], case != "gym"
+    train(run_cfg(tmp_path / "ref", **kw), "dreamer", tiny(sam), progress=False)
+    train(run_cfg(tmp_path / "cut", **kw), "dreamer", tiny(sam), progress=False, stop_after=47)
+    resume(tmp_path / "cut", progress=False)
+    ref = numbers(tmp_path / "ref")
+    assert numbers(tmp_path / "cut") == ref
+    assert ref[-1]["updates"] == str((60 - 20 + 1) // 2)  # train ratio 8 / (2 x 8) = 0.5
+    assert any(r["wm_sharpness"] for r in ref) and any(r["value_error"] for r in ref)
+    stored = yaml.safe_load((tmp_path / "ref" / "config.yaml").read_text())
+    assert stored["agent"]["config"]["episodic"] is (case != "dmc")
+
+
+def test_train_dreamer_from_the_command_line(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    cli.main(["train", "dreamer", "--env", "gym/CartPole-v1", "--steps", "30", "--seed-steps",
+              "20", "--model-size", "XS", "--deter", "16", "--units", "16", "--cnn-depth", "2",
+              "--stoch", "4", "--classes", "4", "--batch-size", "2", "--seq-len", "8",
+              "--imag-horizon", "3", "--wm-optim", "sam", "--rho", "0.1", "--eval-every", "30",
+              "--diag-every", "30", "--log-every", "10", "--run-dir", str(run_dir),
+              "--no-progress", "--no-tensorboard"])  # fmt: skip
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert stored["agent"]["name"] == "dreamer"
+    assert stored["agent"]["config"]["wm_optim"]["sam"]["rho"] == 0.1
+    assert read_metrics(run_dir / "metrics.csv")[-1]["step"] == "30"
+    with pytest.raises(SystemExit):
+        cli.main(["train", "dreamer", "--model-size", "XXL"])
+    assert "--model-size: invalid choice: 'XXL'" in capsys.readouterr().err
