@@ -22,3 +22,36 @@ def close_environments():
     envs = sys.modules.get("flatworld.envs")
     if envs is not None:
         envs.close_all()
+
+
+class HostReadError(RuntimeError):
+    """A tensor's value was read back to the host where none may be."""
+
+
+@pytest.fixture
+def no_host_reads():
+    """A context manager under which every read of a tensor's value by the host fails:
+    `.item()`, `.tolist()`, `.numpy()`, and bool/float/int conversions (Python branches)."""
+    import contextlib
+
+    names = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+    @contextlib.contextmanager
+    def guard():
+        saved = {n: getattr(torch.Tensor, n) for n in names}
+
+        def refuse(name):
+            def method(self, *args, **kwargs):
+                raise HostReadError(f"host read inside a sync-free region: Tensor.{name}")
+
+            return method
+
+        try:
+            for n in names:
+                setattr(torch.Tensor, n, refuse(n))
+            yield
+        finally:
+            for n, f in saved.items():
+                setattr(torch.Tensor, n, f)
+
+    return guard

@@ -114,8 +114,8 @@ class SAM(torch.optim.Optimizer):
         self.ascent_steps, self.m, self.clip_grad_norm = ascent_steps, m, clip_grad_norm
         self.schedule: Schedule = schedule or Always()
         self.grad_scaler, self.no_sync, self.bn_module = grad_scaler, no_sync, bn_module
-        self.steps_taken = 0
-        self.skipped_steps = 0
+        self._attempts = 0  # steps begun; minus the skipped ones: steps_taken
+        self._skipped: Tensor | int = 0  # a device tensor when skips are decided on the device
         self._scale_growth = 0
         # Per-step scratch, allocated on first use and reused.
         self._perturbed: list[Tensor] = []
@@ -156,8 +156,8 @@ class SAM(torch.optim.Optimizer):
         # torch's load_state_dict rebinds the base's lists; share them again.
         self.param_groups, self.state = self.base.param_groups, self.base.state
         sam = state_dict["sam"]
-        self.steps_taken = int(sam["steps_taken"])
-        self.skipped_steps = int(sam["skipped_steps"])
+        self._skipped = int(sam["skipped_steps"])
+        self._attempts = int(sam["steps_taken"]) + self._skipped
         self._scale_growth = int(sam["scale_growth"])
         corr = sam.get("correction")
         self._correction = None if corr is None else {int(i): c.clone() for i, c in corr.items()}
@@ -169,14 +169,29 @@ class SAM(torch.optim.Optimizer):
             f"base={type(self.base).__name__})"
         )
 
-    # ---- schedule -----------------------------------------------------------------
+    # ---- counters and schedule --------------------------------------------------
+    # With a fused Adam/AdamW base, a non-finite step is skipped by the optimizer kernel itself
+    # (its found_inf input), so nothing is read back to the host during a step; the counters
+    # are read when asked for.
+    @property
+    def skipped_steps(self) -> int:
+        return int(self._skipped)
+
+    @property
+    def steps_taken(self) -> int:
+        return self._attempts - int(self._skipped)
+
     @property
     def sam_active(self) -> bool:
         """Whether the next step is a SAM step under the schedule."""
+        if isinstance(self.schedule, Always):  # no need to count steps (a host read)
+            return True
         return self.schedule.sam_on(self.steps_taken)
 
     @property
     def rho(self) -> float:
+        if self.rho_schedule.kind == "constant":
+            return self.rho_schedule.rho
         return self.rho_schedule.at(self.steps_taken, float(self.param_groups[0]["lr"]))
 
     def _params(self) -> list[Tensor]:
@@ -207,11 +222,11 @@ class SAM(torch.optim.Optimizer):
         rho = self.rho
         step = rho / self.ascent_steps
         coef = step / (norm + _TINY)
-        if self.ascent_steps == 1 and self._scales is None and norm.device.type == "cpu":
-            # Plain SAM on CPU: w += rho g/|g| in one fused pass; reading the scalar
-            # costs no device sync here, and skipping the temporary saves a full
-            # allocation (fresh pages) per step.
-            torch._foreach_add_(params, grads, alpha=float(coef))
+        if self.ascent_steps == 1 and self._scales is None:
+            # Plain SAM: w += rho g/|g|, scaling the gradients in place (they are dropped
+            # next): no temporary, and the coefficient stays a tensor (no host read).
+            torch._foreach_mul_(grads, coef)
+            torch._foreach_add_(params, grads)
             self.base.zero_grad(set_to_none=True)
             return
         if self.ascent_steps == 1:
@@ -355,8 +370,9 @@ class SAM(torch.optim.Optimizer):
         reuse = isinstance(self.schedule, EveryK) and self.schedule.reuse_grad
         self._first_grads = [torch.empty_like(p) for p in params] if reuse else None
 
-    def _finish(self) -> bool:
-        """Clip, check finiteness once (one host sync per step), step or skip."""
+    def _finish(self) -> bool | Tensor:
+        """Clip, check finiteness, step or skip. A fused Adam/AdamW base skips on the device
+        (returns a bool tensor: stepped); otherwise one host read decides (returns a bool)."""
         params = self._params()
         grads = [p.grad for p in params]
         if self.clip_grad_norm is not None and grads:
@@ -364,15 +380,26 @@ class SAM(torch.optim.Optimizer):
         else:
             norm = _global_norm(grads)  # type: ignore[arg-type]
         flags = [f.to(norm.device) for f in self._nonfinite] + [~torch.isfinite(norm)]
-        bad = bool(torch.stack(flags).any())
         self._nonfinite = []
+        scaling = self.grad_scaler is not None and self.grad_scaler.is_enabled()
+        if self.base.defaults.get("fused") and not scaling:
+            bad_t = torch.stack(flags).any()
+            self.base.found_inf = bad_t.float()  # read by the fused kernel: skip if 1
+            try:
+                self.base.step()
+            finally:
+                del self.base.found_inf
+            self._skipped = self._skipped + bad_t.long()
+            self._attempts += 1
+            return ~bad_t
+        bad = bool(torch.stack(flags).any())
         self._update_scale(bad)
+        self._attempts += 1
         if bad:
-            self.skipped_steps += 1
+            self._skipped = self._skipped + 1
             self.base.zero_grad(set_to_none=True)
             return False
         self.base.step()
-        self.steps_taken += 1
         return True
 
     def _unscale(self, grads: list[Tensor]) -> None:
