@@ -70,3 +70,18 @@ def test_train_dreamer_from_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "dreamer", "--model-size", "XXL"])
     assert "--model-size: invalid choice: 'XXL'" in capsys.readouterr().err
+
+
+def test_eval_gives_human_normalized_atari_scores(tmp_path, capsys):
+    import json
+
+    from flatworld.envs.atari import score_table
+
+    run_dir = tmp_path / "r"
+    train(run_cfg(run_dir, **CASES["atari"], steps=30), "dreamer", tiny(), progress=False)
+    cli.main(["eval", str(run_dir), "--episodes", "2"])
+    out = json.loads(capsys.readouterr().out)
+    row = score_table()["Pong"]
+    want = (out["eval_return"] - row["random"]) / (row["human"] - row["random"])
+    assert out["human_normalized"] == pytest.approx(want)
+    assert len(out["human_normalized_per_episode"]) == 2

@@ -746,4 +746,18 @@ def evaluate(run_dir: str | Path, episodes: int = 10) -> dict[str, Any]:
         out = run_episodes(loop.eval_env, loop.agent, seeds)
     finally:
         loop.close()
+    if run_cfg.env.startswith("atari/"):
+        out.update(_human_normalized(run_cfg.env, out))
     return {"step": state["step"], "checkpoint": str(path), "episodes": episodes, **out}
+
+
+def _human_normalized(env_id: str, out: dict[str, Any]) -> dict[str, Any]:
+    """Atari scores as (score - random) / (human - random), from the packaged table."""
+    from flatworld.envs.atari import human_normalized
+
+    try:
+        return {"human_normalized": human_normalized(env_id, float(out["eval_return"])),
+                "human_normalized_per_episode": [human_normalized(env_id, r)
+                                                 for r in out["returns"]]}  # fmt: skip
+    except ValueError:  # a game outside the Atari-100k table
+        return {}
