@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -79,6 +80,16 @@ def flops_of(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def page_faults(fn, n: int) -> float:
+    """Minor page faults per call after warm-up (resource.getrusage): memory the allocator
+    returned to the system and touches again. On these virtual machines each one is slow."""
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / n
 
 
 def timed(fn, n: int, repeats: int, device: torch.device) -> tuple[float, float]:
@@ -143,7 +154,9 @@ def bench_size(size: int, device: torch.device, args: argparse.Namespace) -> dic
         sec, cpu = timed(lambda: agent.update(b), args.updates, args.repeats, device)  # noqa: B023
         fl = flops_of(lambda: agent.update(b))  # noqa: B023
         res[name] = {"update_ms": 1e3 * sec, "updates_per_s": 1 / sec, "update_cpu_ms": 1e3 * cpu,
-                     "update_gflop": fl / 1e9}  # fmt: skip
+                     "update_gflop": fl / 1e9,
+                     "update_page_faults": page_faults(lambda: agent.update(b),  # noqa: B023
+                                                       args.updates)}  # fmt: skip
         if name == "adam":
             res["params_m"] = sum(p.numel() for p in agent.model.parameters()
                                   if p.requires_grad) / 1e6
@@ -158,6 +171,8 @@ def bench_size(size: int, device: torch.device, args: argparse.Namespace) -> dic
             fl = flops_of(lambda: agent.act(obs, t0=False, eval_mode=False))  # noqa: B023
             res["act_ms"], res["acts_per_s"], res["act_cpu_ms"] = 1e3 * sec, 1 / sec, 1e3 * cpu
             res["act_gflop"] = fl / 1e9
+            res["act_page_faults"] = page_faults(
+                lambda: agent.act(obs, t0=False, eval_mode=False), args.acts)  # noqa: B023
     res["sam_over_adam_update"] = res["sam"]["update_ms"] / res["adam"]["update_ms"]
     res["sam_over_adam_update_cpu"] = res["sam"]["update_cpu_ms"] / res["adam"]["update_cpu_ms"]
     res["sam_ed_over_adam_update"] = (res["sam_encoder_dynamics"]["update_ms"]
