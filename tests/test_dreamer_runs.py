@@ -3,6 +3,8 @@ discrete actions, Gymnasium vectors with discrete actions, DMC with continuous a
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -20,6 +22,14 @@ def tiny(sam: bool = False, **kw) -> DreamerConfig:
     base = dict(model_size="XS", deter=16, units=16, layers=1, cnn_depth=2, stoch=4, classes=4,
                 batch_size=2, seq_len=8, train_ratio=8, imag_horizon=3, wm_optim=spec)
     return DreamerConfig(**{**base, **kw})
+
+
+def tiny_twister(sam: bool = False, **kw):
+    from flatworld.agents.dreamer import TwisterConfig
+
+    base = dict(tssm_width=16, tssm_heads=2, tssm_blocks=1, tssm_context=4, cpc_steps=3)
+    dreamer = {k: v for k, v in dataclasses.asdict(tiny(sam)).items() if k != "sequence_model"}
+    return TwisterConfig(**{**dreamer, "wm_optim": tiny(sam).wm_optim, **base, **kw})
 
 
 def run_cfg(run_dir, env, steps=60, **kw) -> RunConfig:
@@ -85,3 +95,19 @@ def test_eval_gives_human_normalized_atari_scores(tmp_path, capsys):
     want = (out["eval_return"] - row["random"]) / (row["human"] - row["random"])
     assert out["human_normalized"] == pytest.approx(want)
     assert len(out["human_normalized_per_episode"]) == 2
+
+
+@pytest.mark.parametrize("case", ["atari", "gym"])
+def test_killed_twister_run_resumes_to_identical_metrics(tmp_path, case):
+    kw = CASES[case]
+    train(run_cfg(tmp_path / "ref", **kw), "twister", tiny_twister(sam=True), progress=False)
+    train(run_cfg(tmp_path / "cut", **kw), "twister", tiny_twister(sam=True), progress=False,
+          stop_after=47)
+    resume(tmp_path / "cut", progress=False)
+    ref = numbers(tmp_path / "ref")
+    assert numbers(tmp_path / "cut") == ref
+    stored = yaml.safe_load((tmp_path / "ref" / "config.yaml").read_text())
+    assert stored["agent"]["name"] == "twister"
+    assert stored["agent"]["config"]["sequence_model"] == "transformer"
+    cpc = [r["train/cpc_loss"] for r in ref if r.get("train/cpc_loss")]
+    assert cpc and all(float(c) > 0 for c in cpc)  # AC-CPC is trained (crops on pixels only)

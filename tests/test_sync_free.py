@@ -74,3 +74,16 @@ def test_fused_sam_skips_a_non_finite_step_on_the_device(no_host_reads):
     opt.step(closure)
     assert opt.steps_taken == 2 and opt.skipped_steps == 1
     assert not torch.equal(model.weight, before[0])
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_twister_update_reads_nothing_back(name, no_host_reads):
+    from tests.test_dreamer import synthetic_batch
+    from tests.test_twister import make_agent
+
+    agent = make_agent(sam=SPECS[name])
+    batch = synthetic_batch()
+    agent.update(batch)
+    with no_host_reads():
+        metrics = agent.update(batch)
+    assert "cpc_loss" in metrics and all(isinstance(v, torch.Tensor) for v in metrics.values())

@@ -32,6 +32,10 @@ AGENTS: dict[str, AgentEntry] = {
     "dreamer": AgentEntry(config_cls=dreamer.DreamerConfig, make=dreamer.make,
                           action_kinds=("continuous", "discrete"),
                           seed_steps=lambda cfg, _: cfg.batch_size * cfg.seq_len),
+    # The same agent with the transformer state-space model and AC-CPC.
+    "twister": AgentEntry(config_cls=dreamer.TwisterConfig, make=dreamer.make,
+                          action_kinds=("continuous", "discrete"),
+                          seed_steps=lambda cfg, _: cfg.batch_size * cfg.seq_len),
 }
 
 __all__ = ["AGENTS", "AgentEntry"]

@@ -4,8 +4,9 @@ One update, top to bottom:
   1. targets, once, under no_grad: preprocessed observations (also the decoder's targets),
      two-hot rewards, continue flags, the reset flags;
   2. the world-model step: ``wm_optim.step(closure)``; the closure computes the world-model loss
-     only. Every pass replays the first pass's random stream (the latent samples), and clips
-     its own gradient the same way. The first pass keeps its posterior states, detached;
+     only. Every pass replays the first pass's random stream (the latent samples; with the
+     transformer also its dropout masks and AC-CPC's crops), and clips its own gradient the
+     same way. The first pass keeps its posterior states, detached;
   3. the actor-critic step in imagination from those posterior states: the states of the
      unperturbed weights, whichever optimizer trained the world model.
 The actor and the critic cannot tell which optimizer trained the world model.
@@ -31,7 +32,13 @@ try:  # measurement lives in flatworld.sharpness; the agent trains without it
 except ImportError:  # pragma: no cover
     sharpness = None
 
-_ACT_KEYS = ("deter", "stoch", "action")
+
+
+def _copy_state(state: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
+    """A sequence-model state (plus the previous action): tensors cloned (or moved), the rest
+    (the transformer's ring slot, an int) kept."""
+    return {k: (v.clone() if device is None else v.to(device)) if isinstance(v, Tensor) else v
+            for k, v in state.items()}  # fmt: skip
 
 
 class DreamerAgent:
@@ -59,7 +66,7 @@ class DreamerAgent:
                                             eps=cfg.actor_eps, **fused)  # fmt: skip
         self.critic_optim = torch.optim.Adam(self.ac.critic.parameters(), lr=cfg.critic_lr,
                                              eps=cfg.critic_eps, **fused)  # fmt: skip
-        self._act_state: dict[str, dict[str, Tensor]] = {}  # "train" and "eval" episodes
+        self._act_state: dict[str, dict[str, Any]] = {}  # "train" and "eval" episodes
         self.updates = 0
 
     # ---- acting --------------------------------------------------------------------------
@@ -83,7 +90,7 @@ class DreamerAgent:
         a = self.ac.actor.mode(params) if eval_mode else self.ac.actor.sample(params)
         if not self.discrete:
             a = a.clamp(-1.0, 1.0)
-        self._act_state[key] = {"deter": post["deter"], "stoch": post["stoch"], "action": a}
+        self._act_state[key] = {**post, "action": a}  # the whole state (the TSSM's cache too)
         return a[0].cpu().numpy().astype(np.float32)
 
     @torch.no_grad()
@@ -143,7 +150,7 @@ class DreamerAgent:
         ac = self.train_actor_critic(start, cont0)
         self.updates += 1
         keys = ["wm_loss", "recon_loss", "reward_loss", "cont_loss", "dyn_loss", "rep_loss", "kl",
-                "wm_grad_norm"]
+                "wm_grad_norm"] + (["cpc_loss"] if "cpc_loss" in first else [])
         vals = [first[k].detach().float() for k in keys] + [v.float() for v in ac.values()]
         # Tensors, not floats: the caller reads them when it logs, so the update never syncs.
         out = dict(zip(keys + list(ac), torch.stack(vals), strict=True))
@@ -197,8 +204,7 @@ class DreamerAgent:
                 "wm_optim": self.wm_optim.state_dict(),
                 "actor_optim": self.actor_optim.state_dict(),
                 "critic_optim": self.critic_optim.state_dict(), "updates": self.updates,
-                "act_state": {k: {n: s[n].clone() for n in _ACT_KEYS}
-                              for k, s in self._act_state.items()}}  # fmt: skip
+                "act_state": {k: _copy_state(s) for k, s in self._act_state.items()}}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.world_model.load_state_dict(d["world_model"])
@@ -207,8 +213,7 @@ class DreamerAgent:
         self.actor_optim.load_state_dict(d["actor_optim"])
         self.critic_optim.load_state_dict(d["critic_optim"])
         self.updates = int(d["updates"])
-        self._act_state = {k: {n: s[n].to(self.device) for n in _ACT_KEYS}
-                           for k, s in d["act_state"].items()}  # fmt: skip
+        self._act_state = {k: _copy_state(s, self.device) for k, s in d["act_state"].items()}
 
 
 def make(cfg: DreamerConfig, obs_shape: Sequence[int], action_dim: int, episode_length: int,

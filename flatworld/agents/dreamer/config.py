@@ -17,7 +17,7 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "M": dict(deter=1024, units=640, layers=3, cnn_depth=48),
     "L": dict(deter=2048, units=768, layers=4, cnn_depth=64),
 }
-SEQUENCE_MODELS = ("rssm",)  # a later issue adds "transformer"
+SEQUENCE_MODELS = ("rssm", "transformer")  # DreamerV3's GRU; the TWISTER-style TSSM
 
 
 def default_wm_optim() -> optim.OptimSpec:
@@ -33,6 +33,19 @@ class DreamerConfig:
     units: int | None = None
     layers: int | None = None
     cnn_depth: int | None = None
+    # the transformer (sequence_model="transformer"; TWISTER's published defaults)
+    tssm_blocks: int = 4
+    tssm_width: int = 512
+    tssm_heads: int = 8
+    tssm_ff_mult: int = 2  # feed-forward width = tssm_ff_mult * tssm_width
+    tssm_dropout: float = 0.1
+    tssm_context: int = 8  # attention context in steps, the token itself included
+    # AC-CPC (transformer only): heads for 1..cpc_steps steps ahead, weights cpc_decay^k
+    # normalised, InfoNCE on random resized crops (area cpc_crop_min..1) of pixel targets
+    cpc_steps: int = 10  # 0 turns AC-CPC off
+    cpc_scale: float = 1.0
+    cpc_decay: float = 0.75
+    cpc_crop_min: float = 0.25
     stoch: int = 32  # categorical latents ...
     classes: int = 32  # ... of this many classes each
     unimix: float = 0.01  # uniform mixture of latent, actor (discrete) distributions
@@ -107,6 +120,17 @@ class DreamerConfig:
         for k in ("kl_dyn", "kl_rep", "free_bits", "decoder_scale", "reward_scale",
                   "cont_scale", "entropy", "slow_reg"):  # fmt: skip
             check(getattr(self, k) >= 0.0, k, "a float >= 0")
+        for k in ("tssm_blocks", "tssm_width", "tssm_heads", "tssm_ff_mult", "tssm_context"):
+            check(_pos_int(getattr(self, k)), k, "an int >= 1")
+        check(_pos_int(self.tssm_heads) and _pos_int(self.tssm_width)
+              and self.tssm_width % self.tssm_heads == 0, "tssm_heads",
+              f"an int >= 1 dividing tssm_width={self.tssm_width}")  # fmt: skip
+        check(0.0 <= self.tssm_dropout < 1.0, "tssm_dropout", "0 <= dropout < 1")
+        check(isinstance(self.cpc_steps, int) and not isinstance(self.cpc_steps, bool)
+              and self.cpc_steps >= 0, "cpc_steps", "an int >= 0")  # fmt: skip
+        check(self.cpc_scale >= 0.0, "cpc_scale", "a float >= 0")
+        check(0.0 < self.cpc_decay <= 1.0, "cpc_decay", "0 < decay <= 1")
+        check(0.0 < self.cpc_crop_min <= 1.0, "cpc_crop_min", "0 < min <= 1")
         check(0.0 < self.discount <= 1.0, "discount", "0 < discount <= 1")
         check(0.0 <= self.lam <= 1.0, "lam", "0 <= lam <= 1")
         check(0.0 < self.slow_critic_fraction <= 1.0, "slow_critic_fraction", "0 < x <= 1")
@@ -145,3 +169,11 @@ class DreamerConfig:
 
 def _pos_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+@dataclass
+class TwisterConfig(DreamerConfig):
+    """TWISTER: DreamerV3 with the transformer state-space model and AC-CPC (the paper's
+    Atari-100k agent); every other default is DreamerV3's."""
+
+    sequence_model: str = field(default="transformer", metadata={"choices": SEQUENCE_MODELS})

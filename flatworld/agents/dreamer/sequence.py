@@ -1,10 +1,10 @@
 """The sequence-model seam of the Dreamer family, and the categorical latents it shares.
 
-The agent talks to its sequence model (the RSSM here; a transformer later) only through
+The agent talks to its sequence model (the RSSM, or the transformer TSSM) only through
 :class:`SequenceModel`. A state is a dict of tensors with leading batch dims; every state holds
 ``stoch`` (flattened one-hot samples, straight-through) and ``logits`` (the log-probabilities of
-the categorical latents, after the uniform mixture), and ``feat(state)`` is what the decoder,
-the heads, the actor and the critic see.
+the categorical latents, after the uniform mixture), and ``feat(state)`` is what the heads,
+the actor and the critic see; the decoder sees ``decoder_feat(state)``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,21 @@ class SequenceModel(nn.Module):
     - ``obs_step(state, action, embed, sample)``: one step of ``observe`` (acting);
     - ``imagine_step(state, action, sample)``: the prior's next state, without an observation;
     - ``imagine_start(post)``: every posterior state of a (T, B) batch as (T*B) start states.
+    - ``decoder_feat(state)`` (``decoder_dim`` wide): what the decoder sees; by default the
+      same as ``feat`` (DreamerV3). The transformer's decoder sees the latent only.
+
+    A state may also hold non-tensor entries (the transformer's ring-buffer slot, an int);
+    callers that copy states copy tensors and keep the rest.
     """
 
     feat_dim: int
+
+    @property
+    def decoder_dim(self) -> int:
+        return self.feat_dim
+
+    def decoder_feat(self, state: State) -> Tensor:
+        return self.feat(state)
 
     def initial(self, batch_size: int) -> State:
         raise NotImplementedError

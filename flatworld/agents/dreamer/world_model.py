@@ -1,5 +1,6 @@
-"""Dreamer's world model: encoder, sequence model, decoder, reward and continue heads, and its
-loss. Everything here is trained by the one world-model optimizer (``cfg.wm_optim``)."""
+"""Dreamer's world model: encoder, sequence model, decoder, reward and continue heads (and, with
+the transformer, the AC-CPC heads), and its loss. Everything here is trained by the one
+world-model optimizer (``cfg.wm_optim``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flatworld.agents.dreamer.config import DreamerConfig
+from flatworld.agents.dreamer.config import SEQUENCE_MODELS, DreamerConfig
 from flatworld.agents.dreamer.networks import (
     ConvDecoder,
     ConvEncoder,
@@ -20,6 +21,7 @@ from flatworld.agents.dreamer.networks import (
 )
 from flatworld.agents.dreamer.rssm import RSSM
 from flatworld.agents.dreamer.sequence import SequenceModel, State, kl_terms
+from flatworld.agents.dreamer.transformer import ACCPC, TSSM, random_boxes, resized_crop
 from flatworld.nn import TwoHot, soft_cross_entropy
 
 
@@ -28,7 +30,11 @@ def make_sequence_model(cfg: DreamerConfig, embed_dim: int, action_dim: int) -> 
     if cfg.sequence_model == "rssm":
         return RSSM(embed_dim, action_dim, d["deter"], d["units"], cfg.stoch, cfg.classes,
                     cfg.unimix)  # fmt: skip
-    raise ValueError(f"sequence_model={cfg.sequence_model!r}; accepted: 'rssm'")
+    if cfg.sequence_model == "transformer":
+        return TSSM(embed_dim, action_dim, cfg.tssm_width, cfg.tssm_blocks, cfg.tssm_heads,
+                    cfg.tssm_ff_mult, cfg.tssm_dropout, cfg.tssm_context, d["units"], cfg.stoch,
+                    cfg.classes, cfg.unimix)  # fmt: skip
+    raise ValueError(f"sequence_model={cfg.sequence_model!r}; accepted: {SEQUENCE_MODELS}")
 
 
 class WorldModel(nn.Module):
@@ -45,14 +51,28 @@ class WorldModel(nn.Module):
         else:
             self.encoder = MLPEncoder(self.obs_shape[0], d["units"], d["layers"])
         self.seq = make_sequence_model(cfg, self.encoder.out_dim, action_dim)
-        feat = self.seq.feat_dim
+        feat, dec = self.seq.feat_dim, self.seq.decoder_dim
         if self.pixels:
-            self.decoder: nn.Module = ConvDecoder(feat, self.obs_shape, d["cnn_depth"])
+            self.decoder: nn.Module = ConvDecoder(dec, self.obs_shape, d["cnn_depth"])
         else:
-            self.decoder = MLPDecoder(feat, self.obs_shape[0], d["units"], d["layers"])
+            self.decoder = MLPDecoder(dec, self.obs_shape[0], d["units"], d["layers"])
         self.reward = mlp(feat, d["units"], d["layers"], cfg.num_bins, out_scale=0.0)
         self.cont = mlp(feat, d["units"], d["layers"], 1)
         self.two_hot = TwoHot(cfg.num_bins, cfg.bin_min, cfg.bin_max)
+        # AC-CPC comes with the transformer (TWISTER); its heads are world-model parameters.
+        self.cpc: ACCPC | None = None
+        if cfg.sequence_model == "transformer" and cfg.cpc_steps > 0 and cfg.cpc_scale > 0:
+            self.cpc = ACCPC(feat, self.encoder.out_dim, action_dim, cfg.cpc_steps, d["units"],
+                             d["layers"], d["units"], cfg.cpc_decay)  # fmt: skip
+
+    def augment(self, obs: Tensor) -> Tensor:
+        """AC-CPC's targets: a random resized crop of every frame (..., C, H, W), one batched
+        op, from the global RNG (so SAM's passes replay it); vectors pass unchanged."""
+        if not self.pixels:
+            return obs
+        flat = obs.reshape(-1, *obs.shape[-3:])
+        boxes = random_boxes(flat.shape[0], obs.device, self.cfg.cpc_crop_min)
+        return resized_crop(flat, boxes).reshape(obs.shape)
 
     def preprocess(self, obs: Tensor) -> Tensor:
         return preprocess(obs, self.pixels)
@@ -71,7 +91,8 @@ class WorldModel(nn.Module):
         cfg = self.cfg
         post, prior, feat = self.seq.observe(self.encoder(data["obs"]), data["action"],
                                              data["is_first"])  # fmt: skip
-        rec = recon_loss(self.decoder(feat), data["obs"], len(self.obs_shape))  # (T, B)
+        dec = self.decoder(self.seq.decoder_feat(post))  # the sequence model says what it sees
+        rec = recon_loss(dec, data["obs"], len(self.obs_shape))  # (T, B)
         rew = soft_cross_entropy(self.reward(feat), data["reward_probs"]).squeeze(-1)
         cont = F.binary_cross_entropy_with_logits(self.cont(feat), data["cont"],
                                                   reduction="none").squeeze(-1)  # fmt: skip
@@ -79,7 +100,13 @@ class WorldModel(nn.Module):
         per_step = (cfg.decoder_scale * rec + cfg.reward_scale * rew + cfg.cont_scale * cont
                     + cfg.kl_dyn * dyn + cfg.kl_rep * rep)  # fmt: skip
         loss = per_step.mean()
-        parts = {"wm_loss": loss, "recon_loss": rec.mean(), "reward_loss": rew.mean(),
+        parts = {"recon_loss": rec.mean(), "reward_loss": rew.mean(),
                  "cont_loss": cont.mean(), "dyn_loss": dyn.mean(), "rep_loss": rep.mean(),
                  "kl": kl.mean()}  # fmt: skip
+        if self.cpc is not None:
+            target = self.encoder(self.augment(data["obs"][1:]))
+            cpc = self.cpc(feat, data["action"], target, data["is_first"])
+            loss = loss + cfg.cpc_scale * cpc
+            parts["cpc_loss"] = cpc
+        parts = {"wm_loss": loss, **parts}
         return loss, {k: v.detach() for k, v in parts.items()}, post

@@ -1,0 +1,212 @@
+"""Dreamer throughput (RSSM and transformer): world-model updates/s with Adam and SAM,
+imagination + actor-critic updates/s, imagination steps/s (the transformer with and without its
+key/value cache), with FLOPs and the fraction of a measured fp32 matmul peak.
+
+Prints one JSON object. Settings default to Atari-100k's: 3x64x64 pixels, 6 discrete actions,
+batch 16 x 64, horizon 15, 2 threads, the environment excluded; model size S. FLOPs are counted
+by FlopCounterMode (matmuls and convs); ``frac_peak`` = FLOP/s over the peak fp32 matmul FLOP/s
+measured in the same process.
+
+    python benchmarks/dreamer_throughput.py                        # both, a few repeats
+    python benchmarks/dreamer_throughput.py --sequence-model transformer --repeats 5
+    python benchmarks/dreamer_throughput.py --quick                # tiny widths: a smoke run
+
+The published codes are not run here. Their figures, measured on this machine type at the same
+settings (the issues' numbers), are printed under "reference_published" beside this run's own
+figures; they were not measured side by side with it, so no ratio against them is computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from flatworld import optim
+from flatworld.agents.dreamer import DreamerConfig, make
+
+REFERENCE_PUBLISHED = {
+    "rssm": {
+        "source": "issue 9: the best public PyTorch DreamerV3, this 2-core CPU, Atari-100k small "
+                  "model, batch 16x64, horizon 15, 6 actions, 2 threads, env excluded",
+        "wm_step_ms": 2342, "wm_step_gflop": 413, "params_m": 15.7, "imag_ac_ms": 2745,
+        "update_ms": 4881, "about_gflop_per_s": 175,
+        "goals": "imag+AC >= 2x faster; wm step at least as fast at the same FLOPs; whole "
+                 "update >= 1.4x faster; SAM wm step <= 2.1x Adam's",
+    },
+    "transformer": {
+        "source": "issue 10: the published TWISTER code, same machine type and settings",
+        "wm_step_ms": 3617, "wm_step_gflop": 780, "params_m": 41.3, "cpc_heads_params_m": 18.5,
+        "imag_ac_ms": 6740, "rollout_ms": 4000, "kv_copy_ms": 1500, "update_ms": 9796,
+        "goals": "imag+AC >= 2.5x faster; wm step at least as fast; whole update >= 1.7x "
+                 "faster; cached imagination >= 3x faster than recomputing the window; SAM wm "
+                 "step <= 2.1x Adam's",
+    },
+}  # fmt: skip
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_matmul_flops(device: torch.device, seconds: float = 1.0) -> float:
+    """Best fp32 matmul FLOP/s over the model's layer shapes (1024 tokens, width 512..1536)."""
+    best = 0.0
+    shapes = ((1024, 512, 512), (1024, 512, 1536), (1024, 1536, 512), (2048, 1024, 512))
+    for m, k, n in 2 * shapes:
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+        for _ in range(2):
+            a @ b
+        reps, t = 0, time.perf_counter()
+        _sync(device)
+        while time.perf_counter() - t < seconds / 8:
+            a @ b
+            reps += 1
+        _sync(device)
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
+    return best
+
+
+def flops_of(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median wall seconds per call over ``repeats`` calls, after one warm-up call."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def make_batch(steps: int, batch: int, actions: int, obs_shape, device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, actions, (steps, batch), generator=g)
+    is_first = torch.zeros(steps, batch, 1)
+    is_first[0] = 1.0
+    is_first[steps // 2, ::3] = 1.0  # a few episodes start inside the batch
+    out = {"obs": torch.randint(0, 256, (steps, batch, *obs_shape), generator=g).float(),
+           "action": torch.nn.functional.one_hot(idx, actions).float() * (1 - is_first),
+           "reward": torch.randn(steps, batch, 1, generator=g),
+           "terminated": torch.zeros(steps, batch, 1), "is_first": is_first}  # fmt: skip
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def bench(seq_model: str, device: torch.device, args: argparse.Namespace, peak: float) -> dict:
+    extra = dict(deter=32, units=32, layers=1, cnn_depth=4, stoch=4, classes=4, tssm_width=32,
+                 tssm_heads=4, cpc_steps=3) if args.quick else {}  # fmt: skip
+    res: dict = {}
+    b = make_batch(args.seq_len, args.batch, args.actions, (3, 64, 64), device)
+
+    def agent_for(sam):
+        torch.manual_seed(0)
+        cfg = DreamerConfig(sequence_model=seq_model, batch_size=args.batch, seq_len=args.seq_len,
+                            imag_horizon=args.horizon,
+                            wm_optim=optim.OptimSpec(lr=1e-4, eps=1e-8, sam=sam), **extra)
+        return make(cfg, obs_shape=(3, 64, 64), action_dim=args.actions, episode_length=27000,
+                    device=device, discrete=True)  # fmt: skip
+
+    def rate(name: str, fn, per_call: float = 1.0) -> None:
+        sec = timed(fn, args.repeats, device)
+        fl = flops_of(fn)
+        res[name] = {"ms": 1e3 * sec, "per_s": per_call / sec, "gflop": fl / 1e9,
+                     "gflop_per_s": fl / sec / 1e9, "frac_peak": fl / sec / peak}  # fmt: skip
+
+    for opt, sam in (("adam", None), ("sam", optim.SamSpec(rho=0.1))):
+        agent = agent_for(sam)
+        rate(f"update_{opt}", lambda a=agent: a.update(b))
+        # The world-model step alone: the same update with the actor-critic step left out.
+        agent.train_actor_critic = lambda start, cont0: {}
+        rate(f"wm_step_{opt}", lambda a=agent: a.update(b))
+        if opt == "adam":
+            wm = agent.world_model
+            res["params_m"] = {
+                "world_model": sum(p.numel() for p in wm.parameters()) / 1e6,
+                "cpc_heads": (sum(p.numel() for p in wm.cpc.parameters()) / 1e6
+                              if getattr(wm, "cpc", None) is not None else 0.0),
+                "actor_critic": sum(p.numel() for p in agent.ac.parameters()) / 1e6}  # fmt: skip
+    agent = agent_for(None)
+    data = agent.prepare(b)
+    with torch.no_grad():
+        post = agent.world_model.loss(data)[2]
+    cont0 = data["cont"].flatten(0, 1)
+    seq = agent.world_model.seq
+
+    def imag_ac() -> None:
+        agent.ac.update(agent.world_model, seq.imagine_start(post), cont0, agent.actor_optim,
+                        agent.critic_optim)  # fmt: skip
+
+    rate("imag_ac", imag_ac)
+    n = args.batch * args.seq_len
+    acts = torch.nn.functional.one_hot(torch.randint(0, args.actions, (args.horizon, n)),
+                                       args.actions).float().to(device)  # fmt: skip
+
+    @torch.no_grad()
+    def rollout() -> None:  # the sequence model alone, from every posterior state
+        state = seq.imagine_start(post)
+        for i in range(args.horizon):
+            state = seq.imagine_step(state, acts[i])
+
+    rate("imagine_cached" if seq_model == "transformer" else "imagine", rollout,
+         per_call=args.horizon * n)
+    if seq_model == "transformer":
+        ctx = seq.context
+        tokens = torch.randn(ctx + args.horizon, n, seq.width, device=device)
+        start = torch.zeros(ctx, n, dtype=torch.bool, device=device)
+
+        @torch.no_grad()
+        def recompute() -> None:  # no cache: every step reruns the window of its last ctx tokens
+            for i in range(args.horizon):
+                h, _, _ = seq.forward_tokens(tokens[i + 1:i + 1 + ctx], start)
+                seq._latent(seq.prior_net(h[-1]), True)
+
+        rate("imagine_recompute_window", recompute, per_call=args.horizon * n)
+        res["cached_over_recompute_speed"] = (res["imagine_cached"]["per_s"]
+                                              / res["imagine_recompute_window"]["per_s"])
+    res["sam_over_adam_wm_step"] = res["wm_step_sam"]["ms"] / res["wm_step_adam"]["ms"]
+    res["reference_published"] = REFERENCE_PUBLISHED[seq_model]
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sequence-model", nargs="+", default=["rssm", "transformer"],
+                   choices=["rssm", "transformer"])  # fmt: skip
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--horizon", type=int, default=15)
+    p.add_argument("--actions", type=int, default=6)
+    p.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda if present")
+    p.add_argument("--quick", action="store_true", help="tiny widths and 1 repeat: a smoke run")
+    args = p.parse_args()
+    if args.quick:
+        args.repeats, args.batch, args.seq_len = 1, 4, 16
+    torch.set_num_threads(args.threads)
+    devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    out: dict = {"settings": {k: v for k, v in vars(args).items() if k != "devices"},
+                 "torch": torch.__version__}  # fmt: skip
+    for name in devices:
+        device = torch.device(name)
+        peak = peak_matmul_flops(device, 0.3 if args.quick else 1.0)
+        out[name] = {"peak_matmul_gflop_per_s": peak / 1e9}
+        for seq_model in args.sequence_model:
+            out[name][seq_model] = bench(seq_model, device, args, peak)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

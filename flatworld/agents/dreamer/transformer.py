@@ -1,0 +1,334 @@
+"""A TWISTER-style transformer state-space model (TSSM) and action-conditioned CPC (AC-CPC).
+
+State (the same keys as the RSSM's, plus the attention cache):
+  ``deter`` (N, W): the transformer's output h_t; ``stoch`` (N, S*C) and ``logits`` (N, S, C):
+  the latent z_t; ``k``, ``v`` (L, N, H, ctx, W/H): a preallocated ring buffer of every block's
+  keys and values over the last ``ctx`` tokens; ``valid`` (N, ctx): which slots hold a token
+  of the current episode; ``slot``: a Python int, the ring slot written last (every state of a
+  batch advances together, so the slot is shared and indexing needs no host sync).
+
+Tokens: the token at step t is Dense([z_{t-1}, a_{t-1}]) (``action[t]`` is the action that led
+to observation t, as in the RSSM); at an episode start it is Dense([0, 0]). h_t, the output at
+token t, gives the prior p(z_t | h_t). The posterior q(z_t | e_t) reads the encoder's embedding
+alone, and the decoder sees z_t alone (``decoder_feat``); the heads, actor and critic see
+[h_t, z_t].
+
+Blocks are post-LN (x = LN(x + Drop(Attn(x))), x = LN(x + Drop(FF(x)))), causal, and attend to
+at most ``ctx`` tokens (themselves included) of their own episode.
+
+Positions: a learned additive bias per block, per head and per distance 0..ctx-1 (a T5-style
+relative bias, no absolute positions). With a context of 8 the table is tiny and exact for every
+distance; unlike rotary embeddings, the cached keys need no position-dependent rotation, so a
+ring buffer of keys serves any start position, and the parallel and the cached paths add the
+very same numbers.
+
+Training (``observe``) runs all tokens of a (T, B) batch in parallel under a mask (causal,
+window, same episode). Acting and imagination add one token per step to the ring buffer: under
+no_grad (acting, and imagination with discrete actions) the buffer is written in place, so a
+step costs one token and no copy; with gradient (continuous actions backpropagate through the
+rollout) each step builds new buffers (one copy per step), as autograd needs the old ones. A state
+therefore hands its buffer on: after a step, the previous state dict must not be stepped again.
+Dropout acts in the parallel training pass only; acting and imagination run the network
+deterministically (their start states are the training pass's own, dropout included).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flatworld.agents.dreamer.networks import LN_EPS, init_, mlp
+from flatworld.agents.dreamer.rssm import _split_linear
+from flatworld.agents.dreamer.sequence import (
+    SequenceModel,
+    State,
+    onehot_mode,
+    onehot_sample,
+    unimix_logits,
+)
+
+
+def _dropout(x: Tensor, p: float, active: bool) -> Tensor:
+    """The one dropout of the TSSM (a seam tests spy on: its masks come from the global RNG)."""
+    return F.dropout(x, p, training=True) if active and p > 0.0 else x
+
+
+class Block(nn.Module):
+    """One post-LN transformer block: multi-head self-attention, then a 2-layer SiLU MLP."""
+
+    def __init__(self, width: int, heads: int, ff_mult: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width)
+        self.norm1 = nn.LayerNorm(width, eps=LN_EPS)
+        self.ff1 = nn.Linear(width, ff_mult * width)
+        self.ff2 = nn.Linear(ff_mult * width, width)
+        self.norm2 = nn.LayerNorm(width, eps=LN_EPS)
+        for layer in (self.qkv, self.proj, self.ff1, self.ff2):
+            init_(layer)
+
+    def ff(self, x: Tensor, p: float, active: bool) -> Tensor:
+        return self.ff2(_dropout(F.silu(self.ff1(x)), p, active))
+
+
+class TSSM(SequenceModel):
+    def __init__(self, embed_dim: int, action_dim: int, width: int = 512, blocks: int = 4,
+                 heads: int = 8, ff_mult: int = 2, dropout: float = 0.1, context: int = 8,
+                 units: int = 512, stoch: int = 32, classes: int = 32,
+                 unimix: float = 0.01) -> None:  # fmt: skip
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width={width} is not a multiple of heads={heads}")
+        self.width, self.heads, self.context, self.dropout = width, heads, context, dropout
+        self.stoch, self.classes, self.unimix, self.action_dim = stoch, classes, unimix, action_dim
+        latent = stoch * classes
+        self.feat_dim = width + latent
+        self.tok_stoch, self.tok_action = _split_linear((latent, action_dim), width)
+        # A random (not zero) bias before the norm: the episode-start token Dense([0, 0]) would
+        # otherwise be a constant vector, whose LayerNorms (one per sublayer, eps 1e-3) each
+        # scale its gradient by 1/sqrt(eps) ~ 32.
+        self.tok_bias = nn.Parameter(torch.randn(width))
+        self.tok_norm = nn.LayerNorm(width, eps=LN_EPS)
+        self.blocks = nn.ModuleList(Block(width, heads, ff_mult) for _ in range(blocks))
+        self.rel_bias = nn.Parameter(torch.zeros(blocks, heads, context))
+        self.prior_net = mlp(width, units, 1, latent)
+        self.post_net = mlp(embed_dim, units, 1, latent)
+        # dist[c, j]: the distance from the token in ring slot c (written last) to slot j.
+        ar = torch.arange(context)
+        self.register_buffer("ring_dist", (ar[:, None] - ar[None]) % context, persistent=False)
+
+    # ---- pieces ----------------------------------------------------------------------------
+    def _noise(self, logp: Tensor) -> Tensor:
+        return torch.rand(*logp.shape[:-1], 1, device=logp.device, dtype=logp.dtype)
+
+    def _latent(self, logits: Tensor, sample: bool) -> tuple[Tensor, Tensor]:
+        logp = unimix_logits(logits.unflatten(-1, (self.stoch, self.classes)), self.unimix)
+        z = onehot_sample(logp, self._noise(logp)) if sample else onehot_mode(logp)
+        return z.flatten(-2), logp
+
+    def token(self, prev_stoch: Tensor, action: Tensor) -> Tensor:
+        """The token Dense([z_{t-1}, a_{t-1}]), (..., W)."""
+        lead = prev_stoch.shape[:-1]
+        x = torch.addmm(self.tok_action(action).reshape(-1, self.width) + self.tok_bias,
+                        prev_stoch.reshape(-1, prev_stoch.shape[-1]), self.tok_stoch.weight.t())
+        return F.silu(self.tok_norm(x)).reshape(*lead, self.width)  # fmt: skip
+
+    def forward_tokens(self, tokens: Tensor, start: Tensor, dropout: bool = False
+                       ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """The uncached, parallel pass: tokens (T, B, W), ``start`` (T, B) bool marks episode
+        starts (t = 0 always counts as one). Returns h (T, B, W) and every block's keys and
+        values (T, B, L, H, W/H)."""
+        steps, batch = tokens.shape[:2]
+        heads, hd, p = self.heads, self.width // self.heads, self.dropout
+        episode = (start | (torch.arange(steps, device=start.device) == 0)[:, None]).cumsum(0)
+        ep = episode.t()  # (B, T)
+        pos = torch.arange(steps, device=tokens.device)
+        dist = pos[:, None] - pos[None]  # (T, T): query i minus key j
+        allowed = ((dist >= 0) & (dist < self.context))[None] & (ep[:, :, None] == ep[:, None])
+        neg = torch.zeros(allowed.shape, dtype=tokens.dtype, device=tokens.device)
+        neg = neg.masked_fill(~allowed, float("-inf"))[:, None]  # (B, 1, T, T)
+        idx = dist.clamp(0, self.context - 1)
+        x = tokens.transpose(0, 1)  # (B, T, W)
+        ks, vs = [], []
+        for i, block in enumerate(self.blocks):
+            q, k, v = block.qkv(x).view(batch, steps, 3, heads, hd).permute(2, 0, 3, 1, 4)
+            scores = (q * hd**-0.5) @ k.transpose(-1, -2) + self.rel_bias[i][:, idx] + neg
+            attn = _dropout(torch.softmax(scores, -1), p, dropout)
+            o = (attn @ v).transpose(1, 2).reshape(batch, steps, self.width)
+            x = block.norm1(x + _dropout(block.proj(o), p, dropout))
+            x = block.norm2(x + _dropout(block.ff(x, p, dropout), p, dropout))
+            ks.append(k)
+            vs.append(v)
+        # (L, B, H, T, hd) -> (T, B, L, H, hd) views
+        k_all = torch.stack(ks).permute(3, 1, 0, 2, 4)
+        v_all = torch.stack(vs).permute(3, 1, 0, 2, 4)
+        return x.transpose(0, 1), k_all, v_all
+
+    def _step(self, state: State, token: Tensor) -> tuple[Tensor, State]:
+        """One token per state through the cache: h (N, W) and the advanced cache."""
+        keys, vals, valid = state["k"], state["v"], state["valid"]
+        in_place = not torch.is_grad_enabled()  # autograd needs the old buffers: no writes
+        slot = (int(state["slot"]) + 1) % self.context  # a Python int: no host sync
+        if not in_place:
+            valid = valid.clone()
+        valid[:, slot] = True
+        n, heads, hd = token.shape[0], self.heads, self.width // self.heads
+        neg = torch.zeros(valid.shape, dtype=token.dtype, device=token.device)
+        neg = neg.masked_fill(~valid, float("-inf"))[:, None]  # (N, 1, ctx)
+        dist = self.ring_dist[slot]
+        here = (dist == 0)[:, None]  # (ctx, 1): the slot being written
+        new_k, new_v = [], []
+        x = token
+        for i, block in enumerate(self.blocks):
+            q, k, v = block.qkv(x).view(n, 3, heads, hd).unbind(1)  # (N, H, hd)
+            if in_place:
+                keys[i, :, :, slot] = k
+                vals[i, :, :, slot] = v
+                kb, vb = keys[i], vals[i]
+            else:  # a new buffer per block (one copy per step, with gradient only)
+                kb = torch.where(here, k[:, :, None], keys[i])
+                vb = torch.where(here, v[:, :, None], vals[i])
+                new_k.append(kb)
+                new_v.append(vb)
+            scores = (kb @ (q * hd**-0.5)[..., None]).squeeze(-1)  # (N, H, ctx)
+            attn = torch.softmax(scores + self.rel_bias[i][:, dist] + neg, -1)
+            o = (attn[:, :, None] @ vb).reshape(n, self.width)
+            x = block.norm1(x + block.proj(o))
+            x = block.norm2(x + block.ff(x, 0.0, False))
+        if not in_place:
+            keys, vals = torch.stack(new_k), torch.stack(new_v)
+        return x, {"k": keys, "v": vals, "valid": valid, "slot": slot}
+
+    # ---- the interface ---------------------------------------------------------------------
+    def initial(self, batch_size: int) -> State:
+        ref = self.rel_bias
+        hd, latent = self.width // self.heads, self.stoch * self.classes
+        shape = (len(self.blocks), batch_size, self.heads, self.context, hd)
+        logp = torch.full((batch_size, self.stoch, self.classes), -math.log(self.classes),
+                          device=ref.device, dtype=ref.dtype)  # fmt: skip
+        return {"deter": ref.new_zeros(batch_size, self.width),
+                "stoch": ref.new_zeros(batch_size, latent), "logits": logp,
+                "k": ref.new_zeros(shape), "v": ref.new_zeros(shape),
+                "valid": torch.zeros(batch_size, self.context, dtype=torch.bool,
+                                     device=ref.device),
+                "slot": self.context - 1}  # fmt: skip
+
+    def feat(self, state: State) -> Tensor:
+        return torch.cat([state["deter"], state["stoch"]], -1)
+
+    @property
+    def decoder_dim(self) -> int:
+        return self.stoch * self.classes
+
+    def decoder_feat(self, state: State) -> Tensor:  # the decoder sees z only, as published
+        return state["stoch"]
+
+    def obs_step(self, state: State, action: Tensor, embed: Tensor,
+                 sample: bool = True) -> State:  # fmt: skip
+        h, cache = self._step(state, self.token(state["stoch"], action))
+        stoch, logp = self._latent(self.post_net(embed), sample)
+        return {"deter": h, "stoch": stoch, "logits": logp, **cache}
+
+    def imagine_step(self, state: State, action: Tensor, sample: bool = True) -> State:
+        h, cache = self._step(state, self.token(state["stoch"], action))
+        stoch, logp = self._latent(self.prior_net(h), sample)
+        return {"deter": h, "stoch": stoch, "logits": logp, **cache}
+
+    def observe(self, embed: Tensor, action: Tensor, is_first: Tensor,
+                state: State | None = None) -> tuple[State, State, Tensor]:  # fmt: skip
+        """All T steps at once. ``state`` gives only the latent before the first token (its
+        cache is not attended to: replayed sequences start an episode at t = 0)."""
+        stoch, logp = self._latent(self.post_net(embed), True)
+        prev0 = torch.zeros_like(stoch[:1]) if state is None else state["stoch"][None]
+        start = is_first[..., 0] > 0
+        keep = (~start)[..., None].to(stoch.dtype)
+        prev = torch.cat([prev0, stoch[:-1]]) * keep
+        tokens = self.token(prev, action * keep)
+        h, k, v = self.forward_tokens(tokens, start, dropout=self.training)
+        prior_stoch, prior_logp = self._latent(self.prior_net(h), False)  # only logits used
+        post = {"deter": h, "stoch": stoch, "logits": logp, "k": k, "v": v, "start": start}
+        prior = {"deter": h, "stoch": prior_stoch, "logits": prior_logp}
+        return post, prior, self.feat(post)
+
+    def imagine_start(self, post: State) -> State:
+        """Every posterior state of a (T, B) batch as (T*B) start states, each with its own
+        preceding context (up to ``context`` tokens of its episode) gathered into the cache."""
+        steps, batch = post["stoch"].shape[:2]
+        ctx = self.context
+        start = post["start"].clone()
+        start[0] = True
+        episode = start.long().cumsum(0)  # (T, B)
+
+        def windows(x: Tensor, fill: float) -> Tensor:  # (T, B, ...) -> (T, B, ..., ctx)
+            pad = torch.full((ctx - 1, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
+            return torch.cat([pad, x]).unfold(0, ctx, 1)
+
+        def cache(x: Tensor) -> Tensor:  # (T, B, L, H, hd) -> (L, T*B, H, ctx, hd)
+            # Overlapping windows are views of one another: copy them into a fresh buffer (a
+            # reshape could return a view, and a step's in-place write would reach neighbours).
+            w = windows(x.detach(), 0.0).permute(2, 0, 1, 3, 5, 4)  # (L, T, B, H, ctx, hd)
+            out = x.new_empty(w.shape)
+            out.copy_(w)
+            return out.flatten(1, 2)
+
+        valid = windows(episode, -1) == episode[..., None]  # (T, B, ctx), slot ctx-1 is t
+        out = {k: post[k].detach().flatten(0, 1) for k in ("deter", "stoch", "logits")}
+        return {**out, "k": cache(post["k"]), "v": cache(post["v"]),
+                "valid": valid.flatten(0, 1), "slot": ctx - 1}  # fmt: skip
+
+
+# ---- AC-CPC --------------------------------------------------------------------------------
+def info_nce(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """InfoNCE with dot products and in-batch negatives: row i of ``pred`` (M, P) should pick
+    row i of ``target`` (M, P) among all M. The mean over rows weighted by ``weight`` (M,)."""
+    logits = pred @ target.t()
+    loss = torch.logsumexp(logits, -1) - logits.diagonal()
+    return (loss * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def random_boxes(n: int, device: torch.device | str, min_scale: float = 0.25,
+                 max_scale: float = 1.0, ratio: tuple[float, float] = (3 / 4, 4 / 3)
+                 ) -> Tensor:  # fmt: skip
+    """(n, 4) crop boxes (x0, y0, w, h) as fractions of the image: area ~ U(min, max), aspect
+    log-uniform in ``ratio`` (RandomResizedCrop's ranges, with sides clipped to the image
+    instead of redrawn), position uniform. Drawn from the global RNG (replayed by SAM)."""
+    u = torch.rand(n, 4, device=device)
+    area = min_scale + (max_scale - min_scale) * u[:, 0]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    w = (area * log_r.exp()).sqrt().clamp_max(1.0)
+    h = (area / log_r.exp()).sqrt().clamp_max(1.0)
+    return torch.stack([u[:, 2] * (1 - w), u[:, 3] * (1 - h), w, h], -1)
+
+
+def resized_crop(x: Tensor, boxes: Tensor) -> Tensor:
+    """Crop every image of x (N, C, H, W) to its box and resize it back to (H, W), bilinear,
+    all in one affine_grid + grid_sample."""
+    x0, y0, w, h = boxes.unbind(-1)
+    zero = torch.zeros_like(w)
+    theta = torch.stack([torch.stack([w, zero, 2 * x0 + w - 1], -1),
+                         torch.stack([zero, h, 2 * y0 + h - 1], -1)], 1)  # fmt: skip
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class ACCPC(nn.Module):
+    """Action-conditioned CPC: head k (k = 1..K) maps [h_t, z_t] and the actions that lead to
+    observations t+1..t+k to a prediction of the projected embedding of observation t+k,
+    augmented; InfoNCE over the batch, weighted by decay^k (normalised)."""
+
+    def __init__(self, feat_dim: int, embed_dim: int, action_dim: int, steps: int = 10,
+                 units: int = 512, layers: int = 2, dim: int = 512,
+                 decay: float = 0.75) -> None:  # fmt: skip
+        super().__init__()
+        self.steps, self.decay, self.action_dim = steps, decay, action_dim
+        self.heads = nn.ModuleList(mlp(feat_dim + k * action_dim, units, layers, dim)
+                                   for k in range(1, steps + 1))  # fmt: skip
+        self.target = nn.Linear(embed_dim, dim)
+        init_(self.target)
+
+    def weights(self, steps: int) -> list[float]:
+        w = [self.decay**k for k in range(1, steps + 1)]
+        return [x / sum(w) for x in w]
+
+    def forward(self, feat: Tensor, action: Tensor, target_embed: Tensor, is_first: Tensor
+                ) -> Tensor:  # fmt: skip
+        """feat (T, B, F); action (T, B, A), ``action[t]`` leads to observation t;
+        target_embed (T-1, B, E): embeddings of the augmented observations 1..T-1; is_first
+        (T, B, 1). A pair whose steps t+1..t+k hold an episode start is left out (it still
+        serves as a negative)."""
+        steps = min(self.steps, feat.shape[0] - 1)
+        target = self.target(target_embed)  # (T-1, B, P)
+        first = is_first[1:, :, 0]
+        loss = feat.new_zeros(())
+        for k, w in zip(range(1, steps + 1), self.weights(steps), strict=True):
+            n = feat.shape[0] - k
+            acts = action[1:].unfold(0, k, 1).transpose(-1, -2).flatten(-2)  # (n, B, k*A)
+            pred = self.heads[k - 1](torch.cat([feat[:n], acts], -1))
+            keep = (first.unfold(0, k, 1).sum(-1) == 0).to(feat.dtype)  # (n, B)
+            loss = loss + w * info_nce(pred.flatten(0, 1), target[k - 1:].flatten(0, 1),
+                                       keep.flatten())  # fmt: skip
+        return loss

@@ -1,0 +1,417 @@
+"""The TWISTER-style transformer (TSSM) and AC-CPC in the Dreamer agent."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flatworld import optim
+from flatworld.agents.dreamer import (
+    RSSM,
+    SEQUENCE_MODELS,
+    TSSM,
+    DreamerConfig,
+    info_nce,
+    make,
+    random_boxes,
+    resized_crop,
+)
+from flatworld.agents.dreamer import transformer as tssm_module
+from flatworld.agents.dreamer import world_model as wm_module
+from flatworld.agents.dreamer.transformer import ACCPC
+from tests.test_dreamer import ACT, OBS, all_params, same, spy, synthetic_batch, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+E, S, C, W = 5, 4, 4, 16
+SAM = optim.SamSpec(rho=0.5)
+
+
+def tiny_tssm(seed: int = 0, **kw) -> TSSM:
+    torch.manual_seed(seed)
+    base = dict(width=W, blocks=2, heads=2, ff_mult=2, dropout=0.1, context=8, units=16,
+                stoch=S, classes=C)  # fmt: skip
+    return TSSM(E, ACT, **{**base, **kw}).eval()
+
+
+def twister_cfg(**kw) -> DreamerConfig:
+    base = dict(sequence_model="transformer", tssm_width=W, tssm_heads=2, tssm_blocks=2,
+                cpc_steps=3)  # fmt: skip
+    return tiny(**{**base, **kw})
+
+
+def make_agent(seed: int = 0, discrete: bool = True, obs_shape=(OBS,), sam=None, lr=1e-3,
+               **kw):  # fmt: skip
+    torch.manual_seed(seed)
+    cfg = twister_cfg(wm_optim=optim.OptimSpec(lr=lr, eps=1e-8, sam=sam), **kw)
+    return make(cfg, obs_shape=obs_shape, action_dim=ACT, episode_length=100, discrete=discrete)
+
+
+def one_hot_actions(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.one_hot(torch.randint(0, ACT, shape, generator=g), ACT).float()
+
+
+def observe_inputs(steps: int = 10, batch: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    embed = torch.randn(steps, batch, E, generator=g)
+    action = one_hot_actions(steps, batch, seed=seed)
+    is_first = torch.zeros(steps, batch, 1)
+    is_first[0] = 1.0
+    is_first[6, 1] = 1.0
+    return embed, action, is_first
+
+
+def context_tokens(seq: TSSM, stoch, action, is_first):
+    """observe's tokens, rebuilt by hand: token t = Dense([z_{t-1}, a_{t-1}]), zeroed at starts."""
+    keep = 1.0 - is_first
+    prev = torch.cat([torch.zeros_like(stoch[:1]), stoch[:-1]]) * keep
+    return seq.token(prev, action * keep)
+
+
+# ---- config --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw, field", [
+    (dict(tssm_width=16, tssm_heads=3), "tssm_heads"),
+    (dict(tssm_context=0), "tssm_context"),
+    (dict(tssm_dropout=1.0), "tssm_dropout"),
+    (dict(cpc_steps=-1), "cpc_steps"),
+    (dict(cpc_decay=0.0), "cpc_decay"),
+    (dict(cpc_crop_min=0.0), "cpc_crop_min"),
+    (dict(cpc_scale=-1.0), "cpc_scale"),
+])  # fmt: skip
+def test_config_validation_names_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        DreamerConfig(sequence_model="transformer", **kw).validate()
+
+
+def test_published_defaults_and_what_the_decoder_sees():
+    assert "transformer" in SEQUENCE_MODELS
+    cfg = DreamerConfig(sequence_model="transformer").validate()
+    assert (cfg.tssm_blocks, cfg.tssm_width, cfg.tssm_heads, cfg.tssm_ff_mult,
+            cfg.tssm_context) == (4, 512, 8, 2, 8)  # fmt: skip
+    assert (cfg.tssm_dropout, cfg.cpc_steps, cfg.cpc_decay, cfg.cpc_scale,
+            cfg.cpc_crop_min) == (0.1, 10, 0.75, 1.0, 0.25)  # fmt: skip
+    agent = make_agent(obs_shape=(3, 64, 64))
+    wm = agent.world_model
+    assert isinstance(wm.seq, TSSM) and wm.seq.feat_dim == W + S * C
+    assert wm.seq.decoder_dim == S * C and wm.decoder.proj.in_features == S * C
+    assert len(wm.cpc.heads) == 3
+    state = wm.seq.initial(2)
+    assert wm.seq.decoder_feat(state) is state["stoch"]
+    # The RSSM's decoder still sees everything.
+    rssm = RSSM(E, ACT, deter=8, units=8, stoch=S, classes=C)
+    assert rssm.decoder_dim == rssm.feat_dim
+    st = rssm.initial(2)
+    torch.testing.assert_close(rssm.decoder_feat(st), rssm.feat(st))
+
+
+# ---- the transformer -----------------------------------------------------------------------
+def test_causal_a_future_token_changes_no_earlier_output():
+    seq = tiny_tssm()
+    steps, batch = 12, 3
+    tokens = torch.randn(steps, batch, W)
+    start = torch.zeros(steps, batch, dtype=torch.bool)
+    h, k, _ = seq.forward_tokens(tokens, start)
+    for t in (0, 5, 11):
+        changed = tokens.clone()
+        changed[t] += torch.randn(batch, W)
+        h2, k2, _ = seq.forward_tokens(changed, start)
+        torch.testing.assert_close(h2[:t], h[:t], rtol=0, atol=1e-6)
+        torch.testing.assert_close(k2[:t], k[:t], rtol=0, atol=1e-6)
+        assert (h2[t] - h[t]).abs().max() > 1e-3
+    # The context window: block 1 at step t attends to tokens t-7..t only, so the keys of
+    # block 2 (computed from block 1's output) ignore token 0 from t = 8 on; the output of
+    # block 2 at t = 8 still sees it, through block 1's output at t = 1..7.
+    changed = tokens.clone()
+    changed[0] += 1.0
+    h2, k2, _ = seq.forward_tokens(changed, start)
+    assert (k2[8:, :, 1] - k[8:, :, 1]).abs().max() == 0
+    assert (k2[7, :, 1] - k[7, :, 1]).abs().max() > 0 and (h2[8] - h[8]).abs().max() > 0
+    # Through observe: changing the action that leads to step 5 leaves steps 0..4 alone.
+    embed, action, is_first = observe_inputs()
+    torch.manual_seed(1)
+    post, prior, _ = seq.observe(embed, action, is_first)
+    action2 = action.clone()
+    action2[5] = action2[5].roll(1, -1)
+    torch.manual_seed(1)
+    post2, prior2, _ = seq.observe(embed, action2, is_first)
+    torch.testing.assert_close(post2["deter"][:5], post["deter"][:5], rtol=0, atol=1e-6)
+    torch.testing.assert_close(prior2["logits"][:5], prior["logits"][:5], rtol=0, atol=1e-6)
+    assert (post2["deter"][5] - post["deter"][5]).abs().max() > 1e-3
+
+
+def test_no_attention_across_an_episode_start():
+    seq = tiny_tssm()
+    steps, batch = 10, 3
+    tokens = torch.randn(steps, batch, W)
+    start = torch.zeros(steps, batch, dtype=torch.bool)
+    start[4, 1] = True
+    h, _, _ = seq.forward_tokens(tokens, start)
+    changed = tokens.clone()
+    changed[:4, 1] += torch.randn(4, W)
+    h2, _, _ = seq.forward_tokens(changed, start)
+    torch.testing.assert_close(h2[4:, 1], h[4:, 1], rtol=0, atol=1e-6)
+    assert (h2[:4, 1] - h[:4, 1]).abs().max() > 1e-3
+    assert (h2[4:, 0] - h[4:, 0]).abs().max() == 0  # other sequences untouched
+    # The same numbers as a sequence that starts there.
+    alone, _, _ = seq.forward_tokens(tokens[4:, 1:2], torch.zeros(steps - 4, 1, dtype=torch.bool))
+    torch.testing.assert_close(alone[:, 0], h[4:, 1], rtol=1e-5, atol=1e-5)
+    # Without the start, the earlier tokens do reach step 4.
+    h3, _, _ = seq.forward_tokens(changed, torch.zeros_like(start))
+    h4, _, _ = seq.forward_tokens(tokens, torch.zeros_like(start))
+    assert (h3[4, 1] - h4[4, 1]).abs().max() > 1e-3
+    # Imagination's start states see only their own episode's context.
+    embed, action, is_first = observe_inputs()
+    post, _, _ = seq.observe(embed, action, is_first)
+    valid = seq.imagine_start(post)["valid"].view(10, 3, 8)
+    assert valid[7, 1].tolist() == [False] * 6 + [True] * 2  # steps 6 and 7 of episode 2
+    assert valid[7, 0].tolist() == [True] * 8 and valid[2, 0].tolist() == [False] * 5 + [True] * 3
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_cached_imagination_equals_the_uncached_forward(grad):
+    """15 steps from every posterior state, past the 8-step context, equal the parallel pass
+    over the same tokens (context and imagined); no-grad steps write the cache in place."""
+    seq = tiny_tssm()
+    embed, action, is_first = observe_inputs()
+    torch.manual_seed(2)
+    post, _, _ = seq.observe(embed, action, is_first)
+    state = seq.imagine_start(post)
+    n = state["stoch"].shape[0]
+    acts = one_hot_actions(15, n, seed=3)
+    ptr = state["k"].data_ptr()
+    hs, zs, logits = [], [state["stoch"]], []
+    with torch.set_grad_enabled(grad):
+        torch.manual_seed(4)
+        for i in range(15):
+            state = seq.imagine_step(state, acts[i])
+            hs.append(state["deter"])
+            zs.append(state["stoch"])
+            logits.append(state["logits"])
+    assert (state["k"].data_ptr() == ptr) == (not grad)
+    assert state["k"].requires_grad == grad
+    ctx = context_tokens(seq, post["stoch"], action, is_first)  # (T, B, W)
+    steps, batch = embed.shape[:2]
+    with torch.no_grad():
+        for t in (0, 3, 6, 7, 9):
+            for b in range(batch):
+                i = t * batch + b
+                imag = seq.token(torch.stack([z[i] for z in zs[:-1]]), acts[:, i])
+                tokens = torch.cat([ctx[: t + 1, b], imag])[:, None]
+                start = torch.cat([is_first[: t + 1, b, 0] > 0, torch.zeros(15, dtype=bool)])
+                h, _, _ = seq.forward_tokens(tokens, start[:, None])
+                torch.testing.assert_close(torch.stack([x[i] for x in hs]), h[t + 1:, 0],
+                                           rtol=1e-5, atol=1e-5)  # fmt: skip
+                _, prior_logp = seq._latent(seq.prior_net(h[t + 1:, 0]), False)
+                torch.testing.assert_close(torch.stack([x[i] for x in logits]), prior_logp,
+                                           rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_cached_acting_equals_the_parallel_pass():
+    """obs_step from initial(), 13 steps (past the context), with an episode start in the
+    middle, gives observe's deterministic states."""
+    seq = tiny_tssm()
+    steps, batch = 13, 2
+    g = torch.Generator().manual_seed(0)
+    embed = torch.randn(steps, batch, E, generator=g)
+    action = one_hot_actions(steps, batch, seed=5)
+    is_first = torch.zeros(steps, batch, 1)
+    is_first[0] = is_first[9, 1] = 1.0
+    hs, zs = [], []
+    with torch.no_grad():
+        state = seq.initial(batch)
+        for t in range(steps):
+            if t == 9:  # an episode starts for sample 1: the agent resets (t0) with initial()
+                fresh = seq.initial(batch)
+                state["k"][:, 1], state["v"][:, 1] = fresh["k"][:, 1], fresh["v"][:, 1]
+                state["valid"][1], state["stoch"][1] = fresh["valid"][1], fresh["stoch"][1]
+            a = action[t] * (1 - is_first[t])
+            state = seq.obs_step(state, a, embed[t], sample=False)
+            hs.append(state["deter"])
+            zs.append(state["stoch"])
+        tokens = context_tokens(seq, torch.stack(zs), action, is_first)
+        h, _, _ = seq.forward_tokens(tokens, is_first[..., 0] > 0)
+    torch.testing.assert_close(torch.stack(hs), h, rtol=1e-5, atol=1e-5)
+
+
+# ---- AC-CPC --------------------------------------------------------------------------------
+def test_info_nce_by_hand():
+    pred = torch.tensor([[1.0, 0.0], [0.5, -1.0], [2.0, 1.0]])
+    target = torch.tensor([[0.3, 0.2], [-1.0, 0.5], [1.0, 1.0]])
+    weight = torch.tensor([1.0, 0.0, 1.0])
+    want = []
+    for i in range(3):
+        dots = [sum(pred[i, d].item() * target[j, d].item() for d in range(2)) for j in range(3)]
+        want.append(-math.log(math.exp(dots[i]) / sum(math.exp(x) for x in dots)))
+    got = info_nce(pred, target, weight)
+    torch.testing.assert_close(got, torch.tensor((want[0] + want[2]) / 2))
+    torch.testing.assert_close(info_nce(pred, target, torch.ones(3)), torch.tensor(sum(want) / 3))
+
+
+def test_ac_cpc_pairs_actions_and_targets_by_hand():
+    torch.manual_seed(0)
+    steps, batch, feat_dim, K = 5, 2, 3, 2
+    cpc = ACCPC(feat_dim, E, ACT, steps=K, units=8, layers=1, dim=4, decay=0.75)
+    feat = torch.randn(steps, batch, feat_dim)
+    action = torch.randn(steps, batch, ACT)
+    target_embed = torch.randn(steps - 1, batch, E)
+    is_first = torch.zeros(steps, batch, 1)
+    is_first[3, 1] = 1.0
+    got = cpc(feat, action, target_embed, is_first)
+    want = 0.0
+    w = [0.75, 0.75**2]
+    for k in (1, 2):
+        preds, tgts, keep = [], [], []
+        for t in range(steps - k):
+            for b in range(batch):
+                acts = [action[t + j, b] for j in range(1, k + 1)]
+                preds.append(cpc.heads[k - 1](torch.cat([feat[t, b], *acts])))
+                tgts.append(cpc.target(target_embed[t + k - 1, b]))  # observation t + k
+                keep.append(float(all(is_first[t + j, b, 0] == 0 for j in range(1, k + 1))))
+        want = want + w[k - 1] / sum(w) * info_nce(torch.stack(preds), torch.stack(tgts),
+                                                   torch.tensor(keep))  # fmt: skip
+        assert 0 < sum(keep) < len(keep)
+    torch.testing.assert_close(got, want)
+    assert cpc.weights(3) == pytest.approx([0.75**k / sum(0.75**j for j in (1, 2, 3))
+                                            for k in (1, 2, 3)])  # fmt: skip
+
+
+def _bilinear_reference(img: torch.Tensor, box: list[float]) -> torch.Tensor:
+    """One image (C, H, W), cropped to box (x0, y0, w, h) and resized, pixel by pixel."""
+    c, hh, ww = img.shape
+    x0, y0, bw, bh = box
+    out = torch.zeros_like(img)
+    for i in range(hh):
+        for j in range(ww):
+            # the output pixel's centre, as a fraction of the box, then source pixel coords
+            u = (x0 + bw * (j + 0.5) / ww) * ww - 0.5
+            v = (y0 + bh * (i + 0.5) / hh) * hh - 0.5
+            u, v = min(max(u, 0.0), ww - 1.0), min(max(v, 0.0), hh - 1.0)
+            j0, i0 = int(math.floor(u)), int(math.floor(v))
+            j1, i1 = min(j0 + 1, ww - 1), min(i0 + 1, hh - 1)
+            fu, fv = u - j0, v - i0
+            out[:, i, j] = ((1 - fv) * ((1 - fu) * img[:, i0, j0] + fu * img[:, i0, j1])
+                            + fv * ((1 - fu) * img[:, i1, j0] + fu * img[:, i1, j1]))  # fmt: skip
+    return out
+
+
+def test_batched_crop_equals_a_per_sample_reference():
+    torch.manual_seed(0)
+    x = torch.rand(3, 2, 5, 6)
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.1, 0.3, 0.5, 0.6], [0.5, 0.05, 0.5, 0.45]])
+    got = resized_crop(x, boxes)
+    for n in range(3):
+        torch.testing.assert_close(got[n], _bilinear_reference(x[n], boxes[n].tolist()))
+    torch.testing.assert_close(got[0], x[0])  # the whole image is the identity
+    b = random_boxes(2000, "cpu", 0.25)
+    x0, y0, w, h = b.unbind(-1)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 1 + 1e-6).all()
+    assert (y0 + h <= 1 + 1e-6).all() and (w * h >= 0.25 - 1e-6).all() and (w * h).max() > 0.9
+    assert (w * h).min() < 0.3 and (w / h).max() > 1.25 and (w / h).min() < 0.8
+
+
+def test_augmentation_is_one_batched_op(monkeypatch):
+    agent = make_agent(obs_shape=(3, 64, 64))
+    calls = []
+    spy(monkeypatch, F, "grid_sample", lambda a, k, out: calls.append(a[0].shape))
+    batch = {k: v[:4, :2] for k, v in synthetic_batch(obs_shape=(3, 64, 64)).items()}
+    agent.update(batch)
+    assert calls == [(3 * 2, 3, 64, 64)]  # frames 1..T-1 of every sequence, at once
+
+
+# ---- SAM, learning, checkpoints ------------------------------------------------------------
+def test_updates_lower_world_model_loss():
+    batch = synthetic_batch()
+    agent = make_agent()
+    before = agent.diagnostics(batch)["wm_loss"]
+    for _ in range(40):
+        agent.update(batch)
+    after = agent.diagnostics(batch)["wm_loss"]
+    assert after < 0.8 * before
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_sam_with_zero_radius_is_adam_bit_for_bit(discrete):
+    batch = synthetic_batch(discrete=discrete)
+    runs = []
+    for sam in (None, optim.SamSpec(rho=0.0)):
+        agent = make_agent(discrete=discrete, sam=sam)
+        torch.manual_seed(5)
+        metrics = [agent.update(batch) for _ in range(2)]
+        runs.append((metrics, all_params(agent)))
+    assert float(runs[1][0][0]["sam_passes"]) == 2.0 and "cpc_loss" in runs[0][0][0]
+    for a, b in zip(runs[0][0], runs[1][0], strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a if k != "sam_passes")
+    assert same(runs[0][1], runs[1][1])
+
+
+def test_every_pass_replays_dropout_and_crops(monkeypatch):
+    agent = make_agent(obs_shape=(3, 64, 64), sam=SAM)
+    passes: list[dict[str, list]] = []
+    orig_loss = agent.world_model.loss
+
+    def loss(data):
+        passes.append({"drop": [], "boxes": []})
+        return orig_loss(data)
+
+    monkeypatch.setattr(agent.world_model, "loss", loss)
+    spy(monkeypatch, tssm_module, "_dropout",
+        lambda a, k, out: a[2] and passes[-1]["drop"].append((out == 0) & (a[0] != 0)))
+    spy(monkeypatch, wm_module, "random_boxes",
+        lambda a, k, out: passes[-1]["boxes"].append(out.clone()))  # fmt: skip
+    batch = {k: v[:4, :2] for k, v in synthetic_batch(obs_shape=(3, 64, 64)).items()}
+    agent.update(batch)
+    agent.update(batch)
+    assert len(passes) == 4
+    first, second = passes[0], passes[1]
+    assert len(first["drop"]) == 2 * 4 and len(first["boxes"]) == 1  # 2 blocks x 4 dropouts
+    assert sum(int(m.sum()) for m in first["drop"]) > 0  # dropout did drop something
+    for key in ("drop", "boxes"):
+        assert all(torch.equal(x, y) for x, y in zip(first[key], second[key], strict=True))
+    # The next update draws afresh.
+    assert not torch.equal(passes[2]["boxes"][0], first["boxes"][0])
+    assert not all(torch.equal(x, y) for x, y in zip(first["drop"], passes[2]["drop"],
+                                                     strict=True))  # fmt: skip
+
+
+def test_act_keeps_a_cache_and_resets_at_t0():
+    agent = make_agent()
+    obs = np.linspace(-1, 1, OBS).astype(np.float32)
+    for t in range(12):  # past the 8-step context
+        a = agent.act(obs * (t + 1), t0=t == 0, eval_mode=True)
+        assert sorted(a.tolist()) == [0.0] * (ACT - 1) + [1.0]
+    state = agent._act_state["eval"]
+    assert bool(state["valid"].all()) and state["slot"] == 11 % 8
+    agent.act(obs, t0=True, eval_mode=True)
+    assert int(agent._act_state["eval"]["valid"].sum()) == 1
+    assert np.isfinite(agent.value(obs))
+
+
+@pytest.mark.parametrize("sam", [None, SAM])
+def test_state_dict_round_trip(sam):
+    batch = synthetic_batch()
+    obs = np.ones(OBS, np.float32)
+    a = make_agent(sam=sam)
+    for _ in range(2):
+        a.update(batch)
+    for t in range(3):
+        a.act(obs * t, t0=t == 0, eval_mode=False)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = make_agent(seed=99, sam=sam)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    assert b.updates == 2 and same(all_params(a), all_params(b))
+    out = []
+    for agent in (a, b):
+        torch.manual_seed(11)
+        out.append((agent.update(batch), agent.act(obs, t0=False, eval_mode=False),
+                    all_params(agent)))  # fmt: skip
+    assert all(torch.equal(v, out[1][0][k]) for k, v in out[0][0].items())
+    assert np.array_equal(out[0][1], out[1][1]) and same(out[0][2], out[1][2])
+    ka, kb = a._act_state["train"]["k"], b._act_state["train"]["k"]
+    assert torch.equal(ka, kb) and ka.abs().sum() > 0
