@@ -24,7 +24,7 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from common import flops_of, peak_matmul_flops, sync
 
 from flatworld import optim
 from flatworld.agents.dreamer import DreamerConfig, make
@@ -49,33 +49,10 @@ REFERENCE_PUBLISHED = {
 }  # fmt: skip
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_matmul_flops(device: torch.device, seconds: float = 1.0) -> float:
-    """Best fp32 matmul FLOP/s over the model's layer shapes (1024 tokens, width 512..1536)."""
-    best = 0.0
+def peak_matmul(device: torch.device, seconds: float) -> float:
+    """Peak fp32 matmul FLOP/s at the model's layer shapes (1024 tokens, width 512..1536)."""
     shapes = ((1024, 512, 512), (1024, 512, 1536), (1024, 1536, 512), (2048, 1024, 512))
-    for m, k, n in 2 * shapes:
-        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
-        for _ in range(2):
-            a @ b
-        reps, t = 0, time.perf_counter()
-        _sync(device)
-        while time.perf_counter() - t < seconds / 8:
-            a @ b
-            reps += 1
-        _sync(device)
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
-    return best
-
-
-def flops_of(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
+    return peak_matmul_flops(device, shapes, seconds, rounds=2)
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -83,10 +60,10 @@ def timed(fn, repeats: int, device: torch.device) -> float:
     fn()
     out = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         out.append(time.perf_counter() - t)
     return statistics.median(out)
 
@@ -201,7 +178,7 @@ def main() -> None:
                  "torch": torch.__version__}  # fmt: skip
     for name in devices:
         device = torch.device(name)
-        peak = peak_matmul_flops(device, 0.3 if args.quick else 1.0)
+        peak = peak_matmul(device, 0.3 if args.quick else 1.0)
         out[name] = {"peak_matmul_gflop_per_s": peak / 1e9}
         for seq_model in args.sequence_model:
             out[name][seq_model] = bench(seq_model, device, args, peak)

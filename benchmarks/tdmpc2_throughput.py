@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from common import flops_of, peak_matmul_flops, sync
 
 from flatworld import optim
 from flatworld.agents.tdmpc2 import TDMPC2Config, make
@@ -43,27 +43,10 @@ SIDE_BY_SIDE = {
 OBS_DIM, ACTION_DIM = 24, 6  # walker-walk
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_matmul_flops(device: torch.device, seconds: float = 1.0) -> float:
-    """Best fp32 matmul FLOP/s over TD-MPC2's layer shapes (batch 256..1536, width 384..512)."""
-    best = 0.0
+def peak_matmul(device: torch.device) -> float:
+    """Peak fp32 matmul FLOP/s at TD-MPC2's layer shapes (batch 256..1536, width 384..512)."""
     shapes = ((256, 512, 512), (768, 512, 512), (1536, 512, 512), (768, 384, 384))
-    for m, k, n in 3 * shapes:  # a peak: the best of three rounds, robust to a busy moment
-        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
-        for _ in range(3):
-            a @ b
-        reps, t = 0, time.perf_counter()
-        _sync(device)
-        while time.perf_counter() - t < seconds / 12:
-            a @ b
-            reps += 1
-        _sync(device)
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
-    return best
+    return peak_matmul_flops(device, shapes)
 
 
 def batch(cfg: TDMPC2Config, device: torch.device) -> dict[str, torch.Tensor]:
@@ -74,12 +57,6 @@ def batch(cfg: TDMPC2Config, device: torch.device) -> dict[str, torch.Tensor]:
            "reward": torch.rand(h, b, 1, generator=g),
            "terminated": torch.zeros(h, b, 1)}  # fmt: skip
     return {k: v.to(device) for k, v in out.items()}
-
-
-def flops_of(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def page_faults(fn, n: int) -> float:
@@ -100,11 +77,11 @@ def timed(fn, n: int, repeats: int, device: torch.device) -> tuple[float, float]
     """
     wall, cpu = [], []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t, c = time.perf_counter(), time.process_time()
         for _ in range(n):
             fn()
-        _sync(device)
+        sync(device)
         wall.append((time.perf_counter() - t) / n)
         cpu.append((time.process_time() - c) / n)
     return statistics.median(wall), statistics.median(cpu)
@@ -205,10 +182,10 @@ def main() -> None:
                  "side_by_side": SIDE_BY_SIDE}  # fmt: skip
     for dev in devices:
         device = torch.device(dev)
-        peak = peak_matmul_flops(device)
+        peak = peak_matmul(device)
         r: dict = {f"{size}M": bench_size(size, device, args) for size in args.sizes}
         # Measured before and after: a busy moment on a shared CPU cannot pass for the peak.
-        peak = max(peak, peak_matmul_flops(device))
+        peak = max(peak, peak_matmul(device))
         for res in r.values():
             res["act_frac_peak"] = res["act_gflop"] / res["act_ms"] / (peak / 1e12)
             for v in res.values():

@@ -20,7 +20,7 @@ def run(argv, capsys):
     (["train", "tdmpc2", "--rho", "0.1"], "given with --wm-optim adam"),
     (["train", "tdmpc2", "--env", "nowhere"], "RunConfig.env='nowhere'"),
     (["train", "tdmpc2", "--plan-action", "best"], "--plan-action: invalid choice: 'best'"),
-    (["train", "dreamerx"], "agent='dreamerx'; accepted: ['dreamer', 'tdmpc2']"),
+    (["train", "dreamerx"], "agent='dreamerx'; accepted: ['dreamer', 'tdmpc2', 'twister']"),
     (["study", "nope"], "unknown study 'nope'"),
 ])
 def test_bad_input_names_the_field(argv, message, capsys):

@@ -14,6 +14,8 @@ from flatworld.nn.layers import (
 from flatworld.nn.math import (
     RunningScale,
     TwoHot,
+    rng_state,
+    set_rng_state,
     soft_cross_entropy,
     symexp,
     symlog,
@@ -27,6 +29,8 @@ __all__ = [
     "ShiftAug",
     "SimNorm",
     "TwoHot",
+    "rng_state",
+    "set_rng_state",
     "conv_encoder",
     "mish",
     "mlp",

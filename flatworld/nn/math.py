@@ -102,3 +102,17 @@ class RunningScale:
 
     def __call__(self, x: Tensor) -> Tensor:
         return x / self.value
+
+
+def rng_state(device: torch.device) -> torch.Tensor:
+    """The random stream an agent's kernels draw from on `device` (to replay it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)

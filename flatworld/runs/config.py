@@ -30,6 +30,11 @@ def from_dict(cls: type[T], d: dict[str, Any]) -> T:
     return cls(**{k: _convert(hints[k], v) for k, v in d.items()})
 
 
+def pos_int(x: Any) -> bool:
+    """An int >= 1 (and not a bool)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
 def _convert(tp: Any, value: Any) -> Any:
     if value is None:
         return None

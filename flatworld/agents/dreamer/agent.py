@@ -26,6 +26,7 @@ from flatworld import optim
 from flatworld.agents.dreamer.actor_critic import ActorCritic
 from flatworld.agents.dreamer.config import DreamerConfig
 from flatworld.agents.dreamer.world_model import WorldModel
+from flatworld.nn import rng_state, set_rng_state
 
 try:  # measurement lives in flatworld.sharpness; the agent trains without it
     from flatworld import sharpness
@@ -126,9 +127,9 @@ class DreamerAgent:
             # Every pass replays the first pass's random stream (the latent samples), so SAM
             # perturbs one fixed loss function, and SAM on or off consumes the same randomness.
             if k == 0:
-                first["rng"] = self._rng_state()
+                first["rng"] = rng_state(self.device)
             else:
-                self._set_rng_state(first["rng"])
+                set_rng_state(first["rng"], self.device)
             loss, parts, post = self.world_model.loss(data)
             loss.backward()
             # Each pass clips its own gradient by the same rule. Clipping is a uniform scale,
@@ -161,17 +162,6 @@ class DreamerAgent:
         """The actor-critic step from start states (N, ...), with 1 - terminated there."""
         return self.ac.update(self.world_model, start, cont0, self.actor_optim,
                               self.critic_optim)  # fmt: skip
-
-    def _rng_state(self) -> Tensor:
-        if self.device.type == "cuda":
-            return torch.cuda.get_rng_state(self.device)
-        return torch.get_rng_state()
-
-    def _set_rng_state(self, state: Tensor) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(state, self.device)
-        else:
-            torch.set_rng_state(state)
 
     # ---- measurement only: weights, gradients, optimizer state and the RNG are untouched ----
     def diagnostics(self, batch: dict[str, Tensor], lambda_max: bool = False) -> dict[str, float]:

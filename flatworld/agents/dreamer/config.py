@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flatworld import optim
+from flatworld.runs.config import from_dict, pos_int
 
 # DreamerV3 v1's model-size table (the 2023 paper's appendix): GRU units, MLP units and layers,
 # CNN depth multiplier. S is the Atari-100k model (about 15.7M world-model parameters on 64x64
@@ -109,20 +110,20 @@ class DreamerConfig:
         check(self.episodic in (None, True, False), "episodic",
               "None (follow the env suite), True or False")  # fmt: skip
         for k in ("deter", "units", "layers", "cnn_depth"):
-            check(getattr(self, k) is None or _pos_int(getattr(self, k)), k, "None or an int >= 1")
+            check(getattr(self, k) is None or pos_int(getattr(self, k)), k, "None or an int >= 1")
         for k in ("stoch", "classes", "batch_size", "imag_horizon", "train_ratio"):
-            check(_pos_int(getattr(self, k)), k, "an int >= 1")
-        check(_pos_int(self.classes) and self.classes >= 2, "classes", "an int >= 2")
-        check(_pos_int(self.seq_len) and self.seq_len >= 2, "seq_len", "an int >= 2")
-        check(_pos_int(self.num_bins) and self.num_bins >= 2, "num_bins", "an int >= 2")
+            check(pos_int(getattr(self, k)), k, "an int >= 1")
+        check(pos_int(self.classes) and self.classes >= 2, "classes", "an int >= 2")
+        check(pos_int(self.seq_len) and self.seq_len >= 2, "seq_len", "an int >= 2")
+        check(pos_int(self.num_bins) and self.num_bins >= 2, "num_bins", "an int >= 2")
         check(self.bin_min < self.bin_max, "bin_max", f"> bin_min={self.bin_min}")
         check(0.0 <= self.unimix < 1.0, "unimix", "0 <= unimix < 1")
         for k in ("kl_dyn", "kl_rep", "free_bits", "decoder_scale", "reward_scale",
                   "cont_scale", "entropy", "slow_reg"):  # fmt: skip
             check(getattr(self, k) >= 0.0, k, "a float >= 0")
         for k in ("tssm_blocks", "tssm_width", "tssm_heads", "tssm_ff_mult", "tssm_context"):
-            check(_pos_int(getattr(self, k)), k, "an int >= 1")
-        check(_pos_int(self.tssm_heads) and _pos_int(self.tssm_width)
+            check(pos_int(getattr(self, k)), k, "an int >= 1")
+        check(pos_int(self.tssm_heads) and pos_int(self.tssm_width)
               and self.tssm_width % self.tssm_heads == 0, "tssm_heads",
               f"an int >= 1 dividing tssm_width={self.tssm_width}")  # fmt: skip
         check(0.0 <= self.tssm_dropout < 1.0, "tssm_dropout", "0 <= dropout < 1")
@@ -153,22 +154,9 @@ class DreamerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DreamerConfig:
-        d = dict(d)
-        if isinstance(d.get("wm_optim"), dict):
-            spec = dict(d["wm_optim"])
-            if "betas" in spec:  # YAML gives lists
-                spec["betas"] = tuple(spec["betas"])
-            if isinstance(spec.get("sam"), dict):
-                spec["sam"] = optim.SamSpec(**spec["sam"])
-            d["wm_optim"] = optim.OptimSpec(**spec)
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown DreamerConfig fields {sorted(unknown)}")
-        return cls(**d)
+        """Rebuild from `dataclasses.asdict` output (config.yaml); unknown fields fail."""
+        return from_dict(cls, d)
 
-
-def _pos_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 @dataclass

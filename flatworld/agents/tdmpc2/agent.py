@@ -24,7 +24,7 @@ from flatworld import optim
 from flatworld.agents.tdmpc2.config import TDMPC2Config
 from flatworld.agents.tdmpc2.planner import MPPIPlanner
 from flatworld.agents.tdmpc2.world_model import WorldModel
-from flatworld.nn import RunningScale, ShiftAug, soft_cross_entropy
+from flatworld.nn import RunningScale, ShiftAug, rng_state, set_rng_state, soft_cross_entropy
 
 try:  # measurement lives in flatworld.sharpness; the agent trains without it
     from flatworld import sharpness
@@ -145,9 +145,9 @@ class TDMPC2Agent:
             # Every pass replays the first pass's random stream (Q-head dropout masks), so SAM
             # perturbs one fixed loss function, and SAM on or off consumes the same randomness.
             if k == 0:
-                first["rng"] = self._rng_state()
+                first["rng"] = rng_state(self.device)
             else:
-                self._set_rng_state(first["rng"])
+                set_rng_state(first["rng"], self.device)
             # encoder_dynamics scope: the heads take a plain step with their first-pass gradient.
             # In later passes they pass gradients on to zs but compute none for themselves, and
             # holding no gradient during the ascent they are not perturbed.
@@ -191,17 +191,6 @@ class TDMPC2Agent:
                                                   strict=True))  # fmt: skip
         out["sam_passes"] = float(first["calls"])
         return out
-
-    def _rng_state(self) -> Tensor:
-        if self.device.type == "cuda":
-            return torch.cuda.get_rng_state(self.device)
-        return torch.get_rng_state()
-
-    def _set_rng_state(self, state: Tensor) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(state, self.device)
-        else:
-            torch.set_rng_state(state)
 
     def update_pi(self, zs: Tensor) -> dict[str, Tensor]:
         """Policy step on latent states zs (H+1, B, L): maximise scaled Q plus entropy."""

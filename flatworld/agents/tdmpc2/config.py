@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flatworld import optim
+from flatworld.runs.config import from_dict, pos_int
 
 # TD-MPC2's model-size table (parameters in millions -> widths). ``num_q`` is given where it
 # differs from the default of 5.
@@ -100,14 +101,14 @@ class TDMPC2Config:
         check(self.episodic in (None, True, False), "episodic",
               "None (follow the env suite), True or False")  # fmt: skip
         for k in ("enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "num_q"):
-            check(getattr(self, k) is None or _pos_int(getattr(self, k)), k, "None or an int >= 1")
+            check(getattr(self, k) is None or pos_int(getattr(self, k)), k, "None or an int >= 1")
         d = self.dims()
         check(d["num_q"] >= 2, "num_q", "an int >= 2 (two heads are subsampled for targets)")
         check(d["latent_dim"] % self.simnorm_dim == 0, "latent_dim",
               f"a multiple of simnorm_dim={self.simnorm_dim}")  # fmt: skip
         for k in ("num_channels", "simnorm_dim", "horizon", "batch_size", "iterations",
                   "num_samples", "num_elites"):  # fmt: skip
-            check(_pos_int(getattr(self, k)), k, "an int >= 1")
+            check(pos_int(getattr(self, k)), k, "an int >= 1")
         check(isinstance(self.num_bins, int) and self.num_bins >= 2, "num_bins", "an int >= 2")
         check(self.vmin < self.vmax, "vmax", f"> vmin={self.vmin}")
         check(self.log_std_min < self.log_std_max, "log_std_max", f"> {self.log_std_min}")
@@ -138,19 +139,6 @@ class TDMPC2Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TDMPC2Config:
-        d = dict(d)
-        if isinstance(d.get("wm_optim"), dict):
-            spec = dict(d["wm_optim"])
-            if "betas" in spec:  # YAML gives lists
-                spec["betas"] = tuple(spec["betas"])
-            if isinstance(spec.get("sam"), dict):
-                spec["sam"] = optim.SamSpec(**spec["sam"])
-            d["wm_optim"] = optim.OptimSpec(**spec)
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown TDMPC2Config fields {sorted(unknown)}")
-        return cls(**d)
+        """Rebuild from `dataclasses.asdict` output (config.yaml); unknown fields fail."""
+        return from_dict(cls, d)
 
-
-def _pos_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
