@@ -399,3 +399,13 @@ def test_close_all_closes_what_make_built():
     env.close = lambda: (closed.append(1), real_close())[1]
     envs.close_all()
     assert closed == [1] and env not in envs._OPEN
+
+
+def test_demo_runs_refuse_a_folder_with_another_config(tmp_path):
+    from flatworld import demo
+
+    cfg = run_cfg(tmp_path / "adam-s1", steps=30, seed_steps=20)
+    demo._run_one_thread(cfg, tiny())
+    with pytest.raises(runs.ConfigMismatchError, match="run.env: stored 'dmc/cartpole-swingup'"):
+        demo._run_one_thread(dataclasses.replace(cfg, env="dmc/walker-walk"), tiny())
+    assert demo._run_one_thread(cfg, tiny()) == str(tmp_path / "adam-s1")  # same: finished
