@@ -1,138 +1,508 @@
-"""Compare run folders: a markdown table and PNG plots of return, world-model sharpness,
-value-prediction error and model error, grouped by world-model optimizer."""
+"""`flatworld report`: report.md and PNG figures for a sweep (and any extra run folders).
+
+- learning curves, a panel per task and a line per grid point: the mean over seeds with a 95%
+  percentile-bootstrap band, and the published TD-MPC2 curves where the task matches;
+- aggregate IQM, mean and median of the final normalised scores, each with a 95%
+  stratified-bootstrap confidence interval (rliable);
+- performance profiles, and the probability that each point improves over the Adam
+  baseline, with its interval (rliable);
+- world-model sharpness and value-prediction error against final return, one point per run;
+- a results table laid out like a paper's: per task, then the aggregates.
+
+Scores are normalised per task: DMC returns / 1000, Atari human-normalised
+(flatworld.envs.atari.human_normalized), other suites' raw returns.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-METRICS = {  # column -> (title, higher is better)
-    "eval_return": ("return", True),
-    "wm_sharpness": ("world-model sharpness", False),
-    "value_error": ("value-prediction error", False),
-    "model_error": ("model error", False),
-}
+from flatworld.experiments import store
+
+DATA = Path(__file__).parent / "data"
+PUBLISHED_SOURCE = ("published TD-MPC2 (nicklashansen/tdmpc2 results/, 3 seeds; shipped in "
+                    "flatworld/experiments/data/tdmpc2)")  # fmt: skip
 
 
-def label_of(config: dict[str, Any]) -> str:
-    spec = config["agent"]["config"].get("wm_optim") or {}
-    sam = spec.get("sam")
-    if not sam:
-        return spec.get("base", "adam")
-    extra = ", adaptive" if sam.get("adaptive") else ""
-    return f"sam(rho={sam['rho']}{extra})"
+# -- scores ----------------------------------------------------------------------------------
+def normalizer(task: str) -> tuple[Any, str]:
+    """(score -> normalised score, what it is) for a task."""
+    suite = task.split("/", 1)[0]
+    if suite == "dmc":
+        return (lambda s: s / 1000.0), "return / 1000"
+    if suite == "atari":
+        try:
+            from flatworld.envs.atari import human_normalized
+        except ImportError:
+            return (lambda s: s), "raw return (no human-normalisation table installed)"
+        return (lambda s: human_normalized(task, s)), "human-normalised"
+    return (lambda s: s), "raw return"
 
 
-def _curve(rows: list[dict[str, str]], column: str) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for r in rows:
-        v = r.get(column, "")
-        if v not in ("", None) and math.isfinite(float(v)):
-            xs.append(float(r["env_steps"]))
-            ys.append(float(v))
-    return np.array(xs), np.array(ys)
+def finals(frame: Any) -> Any:
+    """One row per run: the last finite value of each metric, and the env steps of the last
+    evaluation."""
+    import pandas as pd
+
+    keys = [c for c in frame.columns if c not in ("step", "env_steps", *store.METRIC_COLUMNS
+                                                  .values())]  # fmt: skip
+    out = []
+    for _, g in frame.groupby("run", sort=False):
+        g = g.sort_values("step")
+        row = {k: g[k].iloc[0] for k in keys}
+        for col in ("return", "sharpness", "value_error", "model_error", "wall_time"):
+            vals = g[col].dropna()
+            row[col] = float(vals.iloc[-1]) if len(vals) else float("nan")
+        evals = g.dropna(subset=["return"])
+        row["env_steps"] = int(evals["env_steps"].iloc[-1]) if len(evals) else 0
+        norm, _ = normalizer(row["task"])
+        row["score"] = norm(row["return"]) if math.isfinite(row["return"]) else float("nan")
+        out.append(row)
+    return pd.DataFrame(out)
 
 
-def load_runs(run_dirs: list[str | Path]) -> dict[str, list[dict[str, Any]]]:
-    """{label: [{"dir", "rows", "seed"}]} from run folders' config.yaml and metrics.csv."""
-    from flatworld.runs.logger import read_metrics
-
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for d in map(Path, run_dirs):
-        if not (d / "config.yaml").exists():
-            raise FileNotFoundError(f"{d} has no config.yaml: not a flatworld run folder")
-        config = yaml.safe_load((d / "config.yaml").read_text())
-        groups[label_of(config)].append({"dir": d, "rows": read_metrics(d / "metrics.csv"),
-                                         "seed": config["run"]["seed"],
-                                         "env": config["run"]["env"]})
-    return dict(groups)
-
-
-def final_value(run: dict[str, Any], column: str) -> float:
-    """The last finite value of ``column`` in a run from ``load_runs`` (nan if none)."""
-    _, ys = _curve(run["rows"], column)
-    return float(ys[-1]) if len(ys) else float("nan")
+def score_matrices(fin: Any, labels: list[str], tasks: list[str]) -> dict[str, np.ndarray]:
+    """{label: (seeds x tasks)} of final normalised scores, over the seeds that every task
+    of the label has (rliable needs a full matrix)."""
+    out = {}
+    for label in labels:
+        g = fin[(fin["label"] == label) & fin["score"].notna()]
+        per_task = [set(g[g["task"] == t]["seed"]) for t in tasks]
+        seeds = sorted(set.intersection(*per_task)) if per_task else []
+        if not seeds:
+            continue
+        m = np.array([[float(g[(g["task"] == t) & (g["seed"] == s)]["score"].iloc[0])
+                       for t in tasks] for s in seeds])  # fmt: skip
+        out[label] = m
+    return out
 
 
-def _aggregate(finals: np.ndarray) -> str:
-    finals = finals[np.isfinite(finals)]
-    if len(finals) == 0:
-        return "—"
-    if len(finals) == 1:
-        return f"{finals[0]:.3g}"
-    return f"{finals.mean():.3g} ± {finals.std(ddof=1):.2g}"
+AGGREGATES = ("IQM", "mean", "median")
 
 
-def _iqm_ci(finals: np.ndarray, reps: int = 2000) -> str:
-    """IQM with a stratified-bootstrap 95% interval (rliable), the honest figure for few seeds."""
-    finals = finals[np.isfinite(finals)]
-    if len(finals) < 2:
-        return "—"
+def aggregate_estimates(scores: dict[str, np.ndarray], reps: int = 2000, seed: int = 0
+                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
+    """rliable's point estimates and 95% stratified-bootstrap intervals of IQM, mean and
+    median: ({label: [iqm, mean, median]}, {label: 2 x 3 [lower; upper]})."""
     from rliable import library as rly
     from rliable import metrics
 
-    scores = {"x": finals.reshape(-1, 1)}
-    point, ci = rly.get_interval_estimates(
-        scores, lambda s: np.array([metrics.aggregate_iqm(s)]), reps=reps)
-    lo, hi = ci["x"][:, 0]
-    return f"{point['x'][0]:.3g} [{lo:.3g}, {hi:.3g}]"
+    def func(x: np.ndarray) -> np.ndarray:
+        return np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x),
+                         metrics.aggregate_median(x)])  # fmt: skip
+
+    points, cis = {}, {}
+    for label, m in scores.items():  # one label at a time, each from the same seed
+        with seeded(seed):
+            p, c = rly.get_interval_estimates({label: m}, func, reps=reps)
+        points[label], cis[label] = p[label], c[label]
+    return points, cis
 
 
-def report(run_dirs: list[str | Path], out: str | Path, title: str = "") -> Path:
-    """Write ``out/report.md`` and ``out/curves.png``; returns the markdown path."""
-    groups = load_runs(run_dirs)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    envs = sorted({r["env"] for runs in groups.values() for r in runs})
-    finals = " | ".join(f"final {t} ({'↑' if up else '↓'})" for t, up in METRICS.values())
-    head = f"| optimizer | seeds | {finals} | IQM return [95% CI] |"
-    lines = [f"# {title or 'flatworld report'}", "", f"Task: {', '.join(envs)}", "", head,
-             "|" + "---|" * (len(METRICS) + 3)]
-    for label, runs in sorted(groups.items()):
-        cells = [_aggregate(np.array([final_value(r, c) for r in runs])) for c in METRICS]
-        returns = np.array([final_value(r, "eval_return") for r in runs])
-        lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) +
-                     f" | {_iqm_ci(returns)} |")
-    lines += ["", "Mean ± sample std over seeds of each run's last logged value; IQM over "
-              "seeds with a stratified-bootstrap 95% interval (rliable).", "",
-              "![curves](curves.png)", ""]
-    _plot(groups, out / "curves.png")
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+@contextlib.contextmanager
+def seeded(seed: int) -> Any:
+    """numpy's global stream seeded for the block, then put back: rliable's stratified
+    bootstrap draws from it (its `random_state` argument does not reach the resampling)."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
 
 
-def _plot(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def improvement(scores: dict[str, np.ndarray], baseline: str, reps: int = 2000,
+                seed: int = 0) -> tuple[dict[str, float], dict[str, np.ndarray]]:  # fmt: skip
+    """P(label > baseline) with 95% intervals (rliable), for every other label."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    points, cis = {}, {}
+    for label, m in scores.items():
+        if label == baseline:
+            continue
+        pair = {label: [m, scores[baseline]]}
+        with seeded(seed):
+            p, c = rly.get_interval_estimates(pair, metrics.probability_of_improvement,
+                                              reps=reps)
+        points[label], cis[label] = float(p[label]), np.asarray(c[label]).reshape(2)
+    return points, cis
+
+
+def bootstrap_band(ys: np.ndarray, reps: int = 1000, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Mean over rows (seeds) with a 95% percentile-bootstrap band: (mean, low, high)."""
+    mean = ys.mean(0)
+    if len(ys) < 2:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(ys), size=(reps, len(ys)))
+    means = ys[idx].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5], axis=0)
+    return mean, lo, hi
+
+
+# -- published curves ------------------------------------------------------------------------
+def published_curve(task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """(env steps, mean, min, max) of the published TD-MPC2 curve for a DMC task, or None."""
+    if not task.startswith("dmc/"):
+        return None
+    name = task.split("/", 1)[1].lower().replace("_", "-")
+    name = name.replace("ball-in-cup-", "cup-").replace("point-mass-", "pointmass-")
+    path = DATA / "tdmpc2" / f"{name}.csv"
+    if not path.exists():
+        return None
+    raw = np.genfromtxt(path, delimiter=",", names=True)
+    steps = np.unique(raw["step"])
+    means, lows, highs, xs = [], [], [], []
+    for s in steps:
+        r = raw["reward"][raw["step"] == s]
+        if len(r) == 0:
+            continue
+        xs.append(s)
+        means.append(r.mean())
+        lows.append(r.min())
+        highs.append(r.max())
+    return np.array(xs), np.array(means), np.array(lows), np.array(highs)
+
+
+# -- figures ---------------------------------------------------------------------------------
+def _plt() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.3))
-    for ax, (column, (title, _)) in zip(axes, METRICS.items(), strict=True):
-        positive = True
-        for label, runs in sorted(groups.items()):
-            curves = [_curve(r["rows"], column) for r in runs]
-            curves = [c for c in curves if len(c[0])]
-            if not curves:
+    return plt
+
+
+def _colors(labels: list[str]) -> dict[str, Any]:
+    plt = _plt()
+    cycle = plt.get_cmap("tab10")
+    return {lab: cycle(i % 10) for i, lab in enumerate(labels)}
+
+
+def plot_curves(frame: Any, labels: list[str], tasks: list[str], path: Path,
+                seed: int = 0) -> list[str]:  # fmt: skip
+    """Returns the tasks on which the published curve was drawn."""
+    plt = _plt()
+    colors = _colors(labels)
+    n = len(tasks)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    drawn = []
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        tf = frame[(frame["task"] == task) & frame["return"].notna()]
+        top = 0
+        for label in labels:
+            g = tf[tf["label"] == label]
+            if g.empty:
                 continue
-            n = min(len(c[0]) for c in curves)
-            xs = curves[0][0][:n]
-            ys = np.stack([c[1][:n] for c in curves])
-            mean = ys.mean(0)
-            positive &= bool((ys > 0).all())
-            line, = ax.plot(xs, mean, label=label)
+            curves = [r.sort_values("env_steps") for _, r in g.groupby("run", sort=False)]
+            common = sorted(set.intersection(*[set(c["env_steps"]) for c in curves]))
+            if not common:
+                continue
+            ys = np.stack([c.set_index("env_steps").loc[common, "return"].to_numpy(float)
+                           for c in curves])  # fmt: skip
+            mean, lo, hi = bootstrap_band(ys, seed=seed)
+            xs = np.array(common, float)
+            top = max(top, xs.max())
+            ax.plot(xs, mean, "o-", markersize=3, color=colors[label],
+                    label=f"{label} (n={len(curves)})")
             if len(curves) > 1:
-                ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())
-        ax.set(title=title, xlabel="environment steps")
-        if column in ("wm_sharpness", "model_error") and ax.has_data() and positive:
-            ax.set_yscale("log")  # these fall by orders of magnitude early in training
-    axes[0].legend()
+                ax.fill_between(xs, lo, hi, color=colors[label], alpha=0.2, linewidth=0)
+        pub = published_curve(task)
+        if pub is not None and top > 0:
+            xs, mean, lo, hi = pub
+            # over this sweep's range only, cut at its last step by linear interpolation
+            grid = np.array(sorted({*xs[xs < top].tolist(), float(min(top, xs.max()))}))
+            if len(grid) >= 2:
+                ax.plot(grid, np.interp(grid, xs, mean), "k--", linewidth=1.2,
+                        label="TD-MPC2 published (mean, range)")
+                ax.plot(xs[xs <= top], mean[xs <= top], "k.", markersize=5)
+                ax.fill_between(grid, np.interp(grid, xs, lo), np.interp(grid, xs, hi),
+                                color="k", alpha=0.08, linewidth=0)
+                drawn.append(task)
+        ax.set(title=task, xlabel="environment steps", ylabel="evaluation return")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return drawn
+
+
+def plot_aggregates(points: dict[str, np.ndarray], cis: dict[str, np.ndarray],
+                    labels: list[str], path: Path, what: str) -> None:  # fmt: skip
+    plt = _plt()
+    colors = _colors(labels)
+    shown = [lab for lab in labels if lab in points]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 0.55 * len(shown) + 1.6), squeeze=False)
+    for j, (ax, name) in enumerate(zip(axes[0], AGGREGATES, strict=True)):
+        for i, lab in enumerate(shown):
+            p, lo, hi = points[lab][j], cis[lab][0][j], cis[lab][1][j]
+            ax.barh(i, hi - lo, left=lo, height=0.6, color=colors[lab], alpha=0.6)
+            ax.plot([p, p], [i - 0.3, i + 0.3], color="k", linewidth=2)
+        ax.set_yticks(range(len(shown)), shown if j == 0 else [""] * len(shown))
+        ax.set(title=name, xlabel=what)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_profiles(scores: dict[str, np.ndarray], labels: list[str], path: Path, what: str,
+                  reps: int) -> None:  # fmt: skip
+    from rliable import library as rly
+    from rliable import plot_utils
+
+    plt = _plt()
+    allv = np.concatenate([m.ravel() for m in scores.values()])
+    lo, hi = float(allv.min()), float(allv.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    taus = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 81)
+    with seeded(0):
+        prof, prof_ci = rly.create_performance_profile(scores, taus, reps=reps)
+    colors = _colors(labels)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plot_utils.plot_performance_profiles(prof, taus, performance_profile_cis=prof_ci,
+                                         colors={k: colors[k] for k in prof}, ax=ax,
+                                         xlabel=f"{what} (τ)")  # fmt: skip
+    from matplotlib.lines import Line2D
+
+    ax.legend([Line2D([0], [0], color=colors[k], linewidth=2) for k in prof], list(prof),
+              fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_improvement(points: dict[str, float], cis: dict[str, np.ndarray], baseline: str,
+                     labels: list[str], path: Path) -> None:  # fmt: skip
+    plt = _plt()
+    colors = _colors(labels)
+    shown = [lab for lab in labels if lab in points]
+    fig, ax = plt.subplots(figsize=(6.5, 0.55 * len(shown) + 1.4))
+    for i, lab in enumerate(shown):
+        lo, hi = cis[lab]
+        ax.barh(i, hi - lo, left=lo, height=0.6, color=colors[lab], alpha=0.6)
+        ax.plot([points[lab]] * 2, [i - 0.3, i + 0.3], color="k", linewidth=2)
+    ax.axvline(0.5, color="gray", linestyle=":")
+    ax.set_yticks(range(len(shown)), shown)
+    ax.set(xlim=(0, 1), xlabel=f"P(X > {baseline})", title="probability of improvement")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_mechanism(fin: Any, labels: list[str], path: Path, what: str) -> None:
+    plt = _plt()
+    colors = _colors(labels)
+    tasks = list(dict.fromkeys(fin["task"]))
+    markers = "osD^v<>pP*X"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, col, name in ((axes[0], "sharpness", "world-model sharpness (final)"),
+                          (axes[1], "value_error", "value-prediction error (final)")):
+        positive = True
+        for lab in labels:
+            for ti, task in enumerate(tasks):
+                g = fin[(fin["label"] == lab) & (fin["task"] == task)]
+                g = g[g[col].notna() & g["score"].notna()]
+                if g.empty:
+                    continue
+                positive &= bool((g[col] > 0).all())
+                ax.scatter(g[col], g["score"], color=colors[lab], marker=markers[ti % 11],
+                           s=40, alpha=0.85, edgecolor="k", linewidth=0.4,
+                           label=lab if ti == 0 else None)
+        if positive and ax.has_data():
+            ax.set_xscale("log")
+        ax.set(xlabel=name, ylabel=f"final {what}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if len(tasks) > 1:
+        axes[1].set_title("markers: " + ", ".join(f"{markers[i % 11]}={t}"
+                                                  for i, t in enumerate(tasks)), fontsize=7)
+    fig.suptitle("the mechanism: flatter world model / lower value error vs return, one "
+                 "point per run", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the report ------------------------------------------------------------------------------
+def _g(x: float) -> str:
+    if x is None or not math.isfinite(x):
+        return "—"
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def _ci(p: float, lo: float, hi: float) -> str:
+    return f"{_g(p)} [{_g(lo)}, {_g(hi)}]"
+
+
+def _baseline(fin: Any, labels: list[str]) -> str | None:
+    if "wm_optim" not in fin.columns:
+        return None
+    adam = [lab for lab in labels if (fin[fin["label"] == lab]["wm_optim"] == "adam").any()]
+    return adam[0] if len(adam) == 1 else None
+
+
+def _collect(sources: Any) -> Any:
+    import pandas as pd
+
+    if isinstance(sources, str | Path):
+        sources = [sources]
+    sources = list(sources)
+    frames = []
+    loose = []
+    for s in sources:
+        if store.is_sweep(s):
+            frames.append(store.load(s))
+        else:
+            loose.append(s)
+    if loose:
+        frames.append(store.load(None, loose))
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        raise ValueError(f"no evaluations logged yet in {', '.join(map(str, sources))}")
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+def report(sources: Any, out: str | Path | None = None, title: str = "", reps: int = 2000,
+           seed: int = 0, export: str | Path | None = None) -> Path:  # fmt: skip
+    """Write ``out/report.md`` and its figures for a sweep folder and/or run folders (a path or
+    a list); returns the markdown path. ``out`` defaults to ``<sweep>/report``."""
+    first = Path(sources if isinstance(sources, str | Path) else list(sources)[0])
+    frame = _collect(sources)
+    if out is None:
+        out = first / "report" if store.is_sweep(first) else Path("report")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if export is not None:
+        store.export(frame, export)
+    labels = list(dict.fromkeys(frame["label"]))
+    tasks = list(dict.fromkeys(frame["task"]))
+    fin = finals(frame)
+    kinds = {normalizer(t)[1] for t in tasks}
+    what = "normalised score" if kinds <= {"return / 1000", "human-normalised"} else "score"
+    scores = score_matrices(fin, labels, tasks)
+
+    lines = [f"# {title or 'flatworld report'}", ""]
+    seeds = sorted(set(fin["seed"]))
+    steps = fin["env_steps"]
+    lines += [f"{len(fin)} runs: {len(tasks)} task(s) × {len(labels)} grid point(s), seeds "
+              f"{', '.join(map(str, seeds))}; final evaluation at "
+              + (f"{int(steps.min()):,}" if steps.min() == steps.max()
+                 else f"{int(steps.min()):,}–{int(steps.max()):,}") + " environment steps.",
+              "", "Scores: " + "; ".join(sorted(
+                  f"{t.split('/')[0]} {normalizer(t)[1]}" for t in
+                  {t.split('/')[0] + '/': t for t in tasks}.values())) + ".", ""]  # fmt: skip
+
+    # the results table: tasks as rows, grid points as columns
+    lines += ["## Results", "", "Final evaluation return, mean ± 95% bootstrap half-width "
+              "over seeds (bold: best mean per task).", "",
+              "| task | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for task in tasks:
+        cells, means = [], []
+        for lab in labels:
+            v = fin[(fin["task"] == task) & (fin["label"] == lab)]["return"].dropna()
+            v = v.to_numpy(float)
+            means.append(v.mean() if len(v) else -np.inf)
+            if len(v) == 0:
+                cells.append("—")
+            elif len(v) == 1:
+                cells.append(f"{_g(v[0])} (n=1)")
+            else:
+                m, lo, hi = bootstrap_band(v[:, None], seed=seed)
+                cells.append(f"{_g(m[0])} ± {_g((hi[0] - lo[0]) / 2)} (n={len(v)})")
+        best = int(np.argmax(means))
+        if len(labels) > 1 and np.isfinite(means[best]):
+            cells[best] = f"**{cells[best]}**"
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    points, cis = aggregate_estimates(scores, reps=reps, seed=seed) if scores else ({}, {})
+    for j, name in enumerate(AGGREGATES):
+        cells = [_ci(points[lab][j], cis[lab][0][j], cis[lab][1][j]) if lab in points else "—"
+                 for lab in labels]  # fmt: skip
+        lines.append(f"| **{name}** ({what}) [95% CI] | " + " | ".join(cells) + " |")
+    base = _baseline(fin, labels)
+    poi, poi_ci = improvement(scores, base, reps, seed) if base in scores else ({}, {})
+    if poi:
+        cells = [_ci(poi[lab], *poi_ci[lab]) if lab in poi else "baseline" for lab in labels]
+        lines.append(f"| **P(point > {base})** [95% CI] | " + " | ".join(cells) + " |")
+    for col, name in (("sharpness", "final world-model sharpness"),
+                      ("value_error", "final value-prediction error"),
+                      ("model_error", "final model error")):
+        cells = []
+        for lab in labels:
+            v = fin[fin["label"] == lab][col].dropna().to_numpy(float)
+            cells.append(_g(float(np.median(v))) if len(v) else "—")
+        lines.append(f"| {name} (median over runs) | " + " | ".join(cells) + " |")
+    lines += ["", f"IQM, mean and median pool every run and task of a grid point ({what}); "
+              "their intervals are 95% stratified-bootstrap confidence intervals over runs "
+              f"(rliable, {reps} resamples). P(point > baseline) is the probability that a "
+              "run of the point scores higher than a run of the baseline on a task, averaged "
+              "over tasks (rliable), with its 95% interval. The median is rliable's: the "
+              "median over tasks of each task's mean over runs.", ""]
+
+    figures = []
+    drawn = plot_curves(frame, labels, tasks, out / "curves.png", seed=seed)
+    figures.append(("Learning curves (mean over seeds, 95% bootstrap band)", "curves.png"))
+    if scores:
+        plot_aggregates(points, cis, labels, out / "aggregate.png", what)
+        figures.append((f"Aggregate {what}: IQM, mean, median with 95% CIs", "aggregate.png"))
+        plot_profiles(scores, labels, out / "profiles.png", what, reps=min(reps, 1000))
+        figures.append(("Performance profiles", "profiles.png"))
+    if poi:
+        plot_improvement(poi, poi_ci, base, labels, out / "improvement.png")
+        figures.append((f"Probability of improvement over {base}", "improvement.png"))
+    if fin["sharpness"].notna().any() or fin["value_error"].notna().any():
+        plot_mechanism(fin, labels, out / "mechanism.png", what)
+        figures.append(("World-model sharpness and value error against final score, one "
+                        "point per run", "mechanism.png"))
+    if drawn:
+        lines += [f"Dashed: {PUBLISHED_SOURCE}, on {', '.join(drawn)}: the mean and range over "
+                  "its seeds, drawn over this sweep's steps. It is sampled every 100k "
+                  "environment steps; between samples the line is a straight interpolation.",
+                  ""]
+    lines += ["## Figures", ""]
+    for caption, name in figures:
+        lines += [f"### {caption}", "", f"![{name.removesuffix('.png')}]({name})", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+# -- helpers kept for callers of the earlier report ------------------------------------------
+def load_runs(run_dirs: list[str | Path]) -> dict[str, list[dict[str, Any]]]:
+    """{label: [{"dir", "rows", "seed", "env"}]} from run folders (config.yaml, metrics.csv)."""
+    import yaml
+
+    from flatworld.runs.logger import read_metrics
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for d in map(Path, run_dirs):
+        if not (d / "config.yaml").exists():
+            raise FileNotFoundError(f"{d} has no config.yaml: not a flatworld run folder")
+        config = yaml.safe_load((d / "config.yaml").read_text())
+        label = store.label_of(config)[0]
+        groups.setdefault(label, []).append(
+            {"dir": d, "rows": read_metrics(d / "metrics.csv"), "seed": config["run"]["seed"],
+             "env": config["run"]["env"]})  # fmt: skip
+    return groups
+
+
+def final_value(run: dict[str, Any], column: str) -> float:
+    """The last finite value of ``column`` in a run from ``load_runs`` (nan if none)."""
+    for r in reversed(run["rows"]):
+        v = r.get(column, "")
+        if v not in ("", None) and math.isfinite(float(v)):
+            return float(v)
+    return float("nan")
