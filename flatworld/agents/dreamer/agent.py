@@ -22,17 +22,11 @@ import torch
 from torch import Tensor
 from torch.nn.utils import clip_grad_norm_
 
-from flatworld import optim
+from flatworld import optim, sharpness
 from flatworld.agents.dreamer.actor_critic import ActorCritic
 from flatworld.agents.dreamer.config import DreamerConfig
 from flatworld.agents.dreamer.world_model import WorldModel
 from flatworld.nn import rng_state, set_rng_state
-
-try:  # measurement lives in flatworld.sharpness; the agent trains without it
-    from flatworld import sharpness
-except ImportError:  # pragma: no cover
-    sharpness = None
-
 
 
 def _copy_state(state: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
@@ -179,13 +173,7 @@ class DreamerAgent:
                 torch.manual_seed(0)
                 _, parts, post = self.world_model.loss(data)
             out = {"wm_loss": float(parts["wm_loss"]), "model_error": float(parts["kl"])}
-            nan = float("nan")
-            out["wm_sharpness"] = (sharpness.first_order(loss_fn, self._wm_params, rho)
-                                   if sharpness is not None else nan)  # fmt: skip
-            if lambda_max:
-                out["wm_lambda_max"] = (
-                    sharpness.lambda_max(loss_fn, self._wm_params, iters=20).value
-                    if sharpness is not None else nan)  # fmt: skip
+            out.update(sharpness.training_diagnostics(loss_fn, self._wm_params, rho, lambda_max))
         return out
 
     # ---- checkpointing: tensors, numbers, nested containers (torch.load(weights_only=True)) ---

@@ -22,9 +22,6 @@ from flatworld.agents.dreamer.networks import LN_EPS, Dense, init_
 from flatworld.agents.dreamer.sequence import (
     SequenceModel,
     State,
-    onehot_mode,
-    onehot_sample,
-    unimix_logits,
 )
 
 
@@ -53,15 +50,6 @@ class RSSM(SequenceModel):
         self.init_deter = nn.Parameter(torch.zeros(deter))  # learned initial state, tanh'd
 
     # ---- pieces ----------------------------------------------------------------------------
-    def _noise(self, logp: Tensor) -> Tensor:
-        """Uniform noise for one draw of every latent (the only randomness of the model)."""
-        return torch.rand(*logp.shape[:-1], 1, device=logp.device, dtype=logp.dtype)
-
-    def _latent(self, logits: Tensor, sample: bool) -> tuple[Tensor, Tensor]:
-        logp = unimix_logits(logits.unflatten(-1, (self.stoch, self.classes)), self.unimix)
-        z = onehot_sample(logp, self._noise(logp)) if sample else onehot_mode(logp)
-        return z.flatten(-2), logp
-
     def _gru_step(self, deter: Tensor, stoch: Tensor, action: Tensor) -> Tensor:
         x = torch.addmm(self.img_in_action(action), stoch, self.img_in_stoch.weight.t())
         x = F.silu(self.img_in_norm(x))

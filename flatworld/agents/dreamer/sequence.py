@@ -34,6 +34,21 @@ class SequenceModel(nn.Module):
     """
 
     feat_dim: int
+    stoch: int  # categorical latents ...
+    classes: int  # ... of this many classes each
+    unimix: float
+
+    # Both sequence models draw their latents the same way.
+    def _noise(self, logp: Tensor) -> Tensor:
+        """Uniform noise for one draw of every latent (the model's only randomness)."""
+        return torch.rand(*logp.shape[:-1], 1, device=logp.device, dtype=logp.dtype)
+
+    def _latent(self, logits: Tensor, sample: bool) -> tuple[Tensor, Tensor]:
+        """(one-hot latents (..., stoch * classes), their log-probabilities (..., stoch,
+        classes)) from logits, sampled (straight-through) or the mode."""
+        logp = unimix_logits(logits.unflatten(-1, (self.stoch, self.classes)), self.unimix)
+        z = onehot_sample(logp, self._noise(logp)) if sample else onehot_mode(logp)
+        return z.flatten(-2), logp
 
     @property
     def decoder_dim(self) -> int:

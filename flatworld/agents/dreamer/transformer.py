@@ -45,9 +45,6 @@ from flatworld.agents.dreamer.rssm import _split_linear
 from flatworld.agents.dreamer.sequence import (
     SequenceModel,
     State,
-    onehot_mode,
-    onehot_sample,
-    unimix_logits,
 )
 
 
@@ -102,14 +99,6 @@ class TSSM(SequenceModel):
         self.register_buffer("ring_dist", (ar[:, None] - ar[None]) % context, persistent=False)
 
     # ---- pieces ----------------------------------------------------------------------------
-    def _noise(self, logp: Tensor) -> Tensor:
-        return torch.rand(*logp.shape[:-1], 1, device=logp.device, dtype=logp.dtype)
-
-    def _latent(self, logits: Tensor, sample: bool) -> tuple[Tensor, Tensor]:
-        logp = unimix_logits(logits.unflatten(-1, (self.stoch, self.classes)), self.unimix)
-        z = onehot_sample(logp, self._noise(logp)) if sample else onehot_mode(logp)
-        return z.flatten(-2), logp
-
     def token(self, prev_stoch: Tensor, action: Tensor) -> Tensor:
         """The token Dense([z_{t-1}, a_{t-1}]), (..., W)."""
         lead = prev_stoch.shape[:-1]

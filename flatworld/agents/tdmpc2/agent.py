@@ -20,16 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flatworld import optim
+from flatworld import optim, sharpness
 from flatworld.agents.tdmpc2.config import TDMPC2Config
 from flatworld.agents.tdmpc2.planner import MPPIPlanner
 from flatworld.agents.tdmpc2.world_model import WorldModel
 from flatworld.nn import RunningScale, ShiftAug, rng_state, set_rng_state, soft_cross_entropy
-
-try:  # measurement lives in flatworld.sharpness; the agent trains without it
-    from flatworld import sharpness
-except ImportError:  # pragma: no cover
-    sharpness = None
 
 
 def discount_for(cfg: TDMPC2Config, episode_length: int) -> float:
@@ -229,13 +224,8 @@ class TDMPC2Agent:
                     _, parts, _ = self.world_model_loss(batch, tg)
                 out = {"wm_loss": float(parts["wm_loss"]),
                        "model_error": float(parts["model_error"])}  # fmt: skip
-                nan = float("nan")
-                out["wm_sharpness"] = (sharpness.first_order(loss_fn, self._wm_params, rho)
-                                       if sharpness is not None else nan)  # fmt: skip
-                if lambda_max:
-                    out["wm_lambda_max"] = (
-                        sharpness.lambda_max(loss_fn, self._wm_params, iters=20).value
-                        if sharpness is not None else nan)  # fmt: skip
+                out.update(sharpness.training_diagnostics(loss_fn, self._wm_params, rho,
+                                                          lambda_max))  # fmt: skip
         finally:
             self.model.train(was_training)
         return out
