@@ -201,7 +201,7 @@ def build_parser(agent: str = "tdmpc2") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flatworld", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="TD-MPC2 with Adam vs SAM on a small DMC task (~10 min); "
+    p = sub.add_parser("demo", help="TD-MPC2 with Adam vs SAM on a small DMC task (~16 min); "
                                      "--classifier: AdamW vs SAM on digits (seconds)")
     p.add_argument("--classifier", action="store_true")
     p.add_argument("--env", default="dmc/cartpole-swingup")

@@ -2,7 +2,7 @@
 
 ``flagship``: TD-MPC2 on a small DeepMind Control task, its world model trained with Adam
 and with SAM, side by side (one process and one thread each), then a report comparing
-return, world-model sharpness and value-prediction error. About 10 minutes on 2 cores.
+return, world-model sharpness and value-prediction error. About 16 minutes on 2 cores.
 
 ``classifier``: one small classifier trained with AdamW and with SAM(AdamW); it prints
 test accuracy and the sharpness of each minimum, and writes a plot. Seconds.
@@ -92,7 +92,8 @@ def flagship(out_dir: Path = Path("runs-demo"), env: str = "dmc/cartpole-swingup
     run_cfg = RunConfig(env=env, steps=steps, seed_steps=seed_steps, eval_every=every,
                         eval_episodes=1, diag_every=every, log_every=100,
                         checkpoint_every=every, tensorboard=True).validate()
-    # The 1M model and a lighter plan keep two runs inside ~10 minutes of a 2-core CPU.
+    # The 1M model and a lighter plan keep two runs (with the published burst of 1,000 updates
+    # when seeding ends) near 16 minutes of a 2-core CPU.
     agent_cfg = dataclasses.replace(TDMPC2Config(), model_size=1, num_samples=256,
                                     num_elites=32, num_pi_trajs=16).validate()
     todo = []
