@@ -274,7 +274,7 @@ class _Loop:
         self.agent: Agent = entry.make(
             agent_cfg, obs_shape=tuple(obs_space.shape), action_dim=self.action_dim,
             episode_length=self.episode_length, device=cfg.device,
-            total_steps=self._total_updates(entry),
+            total_steps=self._total_updates(),
             **({"discrete": True} if self.discrete else {}),
         )  # fmt: skip
         # Sequence agents (Dreamer) ask for `seq_len` rows that may cross episodes, and a train
@@ -309,7 +309,7 @@ class _Loop:
         self.saved_rows = 0  # replay rows already in checkpoint files
         self.replay_needs: dict[int, int] = {}  # checkpoint step -> first replay row it needs
 
-    def _total_updates(self, entry: Any) -> int:
+    def _total_updates(self) -> int:
         """Updates in the whole run (late-phase SAM places its start from it): one per step
         after seeding, plus the burst when seeding ends."""
         after = max(self.cfg.steps - self.seed_steps, 0)
@@ -399,14 +399,14 @@ class _Loop:
         """The row files that cover [start, stop), or ValueError naming the gap."""
         need, out = start, []
         for a, b, path in self._chunks():
+            if need >= stop:
+                break
             if a <= need < b:
                 out.append((a, b, path))
                 need = b
-            if need >= stop:
-                return out
-        if need >= stop:
-            return out
-        raise ValueError(f"replay rows [{need}, {stop}) are missing from checkpoints/replay")
+        if need < stop:
+            raise ValueError(f"replay rows [{need}, {stop}) are missing from checkpoints/replay")
+        return out
 
     def _load_replay_rows(self, meta: dict[str, Any]) -> None:
         total, start = meta["total"], meta["total"] - meta["size"]

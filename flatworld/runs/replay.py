@@ -22,6 +22,12 @@ _NP_TO_TORCH = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.flo
 ROW_FIELDS = ("obs", "action", "reward", "terminated", "first", "episode")
 
 
+def _need_counts(**counts: Any) -> None:
+    for name, value in counts.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected an int >= 1")
+
+
 class ReplayBuffer:
     def __init__(
         self,
@@ -125,10 +131,7 @@ class ReplayBuffer:
         """A batch in TD-MPC2's layout: obs (H+1, B, *obs), action (H, B, A), reward and
         terminated (H, B, 1), all float32 on `device`. Uses the buffer's own generator unless
         another is given (the held-out diagnostics batch uses a separate one)."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
-        if not isinstance(horizon, int) or horizon < 1:
-            raise ValueError(f"horizon={horizon!r}: expected an int >= 1")
+        _need_counts(batch_size=batch_size, horizon=horizon)
         starts = self._starts(batch_size, horizon, generator or self.generator)
         idx = (starts[None, :] + torch.arange(horizon + 1)[:, None]) % self.capacity
         nxt = idx[1:]
@@ -153,10 +156,7 @@ class ReplayBuffer:
         """Windows of `length` consecutive rows, uniform over the rows held, that may cross
         episodes: obs (L, B, *obs), action (L, B, A) (the action that led to each obs; zeros
         on an episode's first row), reward, terminated and is_first (L, B, 1), float32."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
-        if not isinstance(length, int) or length < 1:
-            raise ValueError(f"length={length!r}: expected an int >= 1")
+        _need_counts(batch_size=batch_size, length=length)
         if self.size < length:
             raise ValueError(f"length={length}: the buffer holds {self.size} rows")
         oldest = (self.ptr - self.size) % self.capacity
