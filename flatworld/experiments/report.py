@@ -1,7 +1,8 @@
 """`flatworld report`: report.md and PNG figures for a sweep (and any extra run folders).
 
 - learning curves, a panel per task and a line per grid point: the mean over seeds with a 95%
-  percentile-bootstrap band, and the published TD-MPC2 curves where the task matches;
+  percentile-bootstrap band, and the published curves of the sweep's agent where the task
+  matches (TD-MPC2's for tdmpc2, DreamerV3's for dreamer and twister);
 - aggregate IQM, mean and median of the final normalised scores, each with a 95%
   stratified-bootstrap confidence interval (rliable);
 - performance profiles, and the probability that each point improves over the Adam
@@ -18,15 +19,32 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from flatworld.experiments import store
 
 DATA = Path(__file__).parent / "data"
-PUBLISHED_SOURCE = ("published TD-MPC2 (nicklashansen/tdmpc2 results/, 3 seeds; shipped in "
-                    "flatworld/experiments/data/tdmpc2)")  # fmt: skip
+
+
+class Published(NamedTuple):
+    """Published DMC learning curves shipped in flatworld/experiments/data/<folder>."""
+
+    folder: str
+    name: str
+    source: str
+    style: str  # matplotlib line style ...
+    style_name: str  # ... and its name in report.md
+
+
+_TDMPC2 = Published("tdmpc2", "TD-MPC2", "nicklashansen/tdmpc2 results/, 3 seeds", "--",
+                    "dashed")  # fmt: skip
+_DREAMERV3 = Published("dreamerv3", "DreamerV3", "the DreamerV3 runs in nicklashansen/tdmpc2 "
+                       "results/dreamerv3/, 3 seeds", ":", "dotted")  # fmt: skip
+# The curves drawn beside each agent. TWISTER has no published DMC curves; it is DreamerV3
+# with another sequence model.
+PUBLISHED = {"tdmpc2": _TDMPC2, "dreamer": _DREAMERV3, "twister": _DREAMERV3}
 
 
 # -- scores ----------------------------------------------------------------------------------
@@ -147,13 +165,15 @@ def bootstrap_band(ys: np.ndarray, reps: int = 1000, seed: int = 0) -> tuple[np.
 
 
 # -- published curves ------------------------------------------------------------------------
-def published_curve(task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """(env steps, mean, min, max) of the published TD-MPC2 curve for a DMC task, or None."""
-    if not task.startswith("dmc/"):
+def published_curve(task: str, agent: str = "tdmpc2"
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:  # fmt: skip
+    """(env steps, mean, min, max) of the published curve of `agent` (TD-MPC2's for tdmpc2,
+    DreamerV3's for dreamer and twister) on a DMC task, or None."""
+    if not task.startswith("dmc/") or agent not in PUBLISHED:
         return None
     name = task.split("/", 1)[1].lower().replace("_", "-")
     name = name.replace("ball-in-cup-", "cup-").replace("point-mass-", "pointmass-")
-    path = DATA / "tdmpc2" / f"{name}.csv"
+    path = DATA / PUBLISHED[agent].folder / f"{name}.csv"
     if not path.exists():
         return None
     raw = np.genfromtxt(path, delimiter=",", names=True)
@@ -187,15 +207,16 @@ def _colors(labels: list[str]) -> dict[str, Any]:
 
 
 def plot_curves(frame: Any, labels: list[str], tasks: list[str], path: Path,
-                seed: int = 0) -> list[str]:  # fmt: skip
-    """Returns the tasks on which the published curve was drawn."""
+                seed: int = 0) -> dict[Published, list[str]]:  # fmt: skip
+    """Returns {published curves: the tasks they were drawn on}; each task gets the
+    published curves of the agents in its runs (PUBLISHED)."""
     plt = _plt()
     colors = _colors(labels)
     n = len(tasks)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
-    drawn = []
+    drawn: dict[Published, list[str]] = {}
     for ax, task in zip(axes.flat, tasks, strict=False):
         tf = frame[(frame["task"] == task) & frame["return"].notna()]
         top = 0
@@ -216,18 +237,21 @@ def plot_curves(frame: Any, labels: list[str], tasks: list[str], path: Path,
                     label=f"{label} (n={len(curves)})")
             if len(curves) > 1:
                 ax.fill_between(xs, lo, hi, color=colors[label], alpha=0.2, linewidth=0)
-        pub = published_curve(task)
-        if pub is not None and top > 0:
+        refs = {PUBLISHED[a]: a for a in dict.fromkeys(tf["agent"]) if a in PUBLISHED}
+        for ref, agent in refs.items():
+            pub = published_curve(task, agent)
+            if pub is None or top <= 0:
+                continue
             xs, mean, lo, hi = pub
             # over this sweep's range only, cut at its last step by linear interpolation
             grid = np.array(sorted({*xs[xs < top].tolist(), float(min(top, xs.max()))}))
             if len(grid) >= 2:
-                ax.plot(grid, np.interp(grid, xs, mean), "k--", linewidth=1.2,
-                        label="TD-MPC2 published (mean, range)")
+                ax.plot(grid, np.interp(grid, xs, mean), "k" + ref.style, linewidth=1.2,
+                        label=f"{ref.name} published (mean, range)")
                 ax.plot(xs[xs <= top], mean[xs <= top], "k.", markersize=5)
                 ax.fill_between(grid, np.interp(grid, xs, lo), np.interp(grid, xs, hi),
                                 color="k", alpha=0.08, linewidth=0)
-                drawn.append(task)
+                drawn.setdefault(ref, []).append(task)
         ax.set(title=task, xlabel="environment steps", ylabel="evaluation return")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -467,11 +491,12 @@ def report(sources: Any, out: str | Path | None = None, title: str = "", reps: i
         plot_mechanism(fin, labels, out / "mechanism.png", what)
         figures.append(("World-model sharpness and value error against final score, one "
                         "point per run", "mechanism.png"))
-    if drawn:
-        lines += [f"Dashed: {PUBLISHED_SOURCE}, on {', '.join(drawn)}: the mean and range over "
-                  "its seeds, drawn over this sweep's steps. It is sampled every 100k "
-                  "environment steps; between samples the line is a straight interpolation.",
-                  ""]
+    for ref, on in drawn.items():
+        lines += [f"{ref.style_name.capitalize()}: published {ref.name} ({ref.source}; shipped "
+                  f"in flatworld/experiments/data/{ref.folder}), on {', '.join(on)}: the mean "
+                  "and range over its seeds, drawn over this sweep's steps. It is sampled every "
+                  "100k environment steps; between samples the line is a straight "
+                  "interpolation.", ""]  # fmt: skip
     lines += ["## Figures", ""]
     for caption, name in figures:
         lines += [f"### {caption}", "", f"![{name.removesuffix('.png')}]({name})", ""]
