@@ -28,6 +28,7 @@ from common import flops_of, peak_matmul_flops, sync
 
 from flatworld import optim
 from flatworld.agents.dreamer import DreamerConfig, make
+from flatworld.runs.memory import keep_freed_memory
 
 REFERENCE_PUBLISHED = {
     "rssm": {
@@ -169,13 +170,17 @@ def main() -> None:
     p.add_argument("--actions", type=int, default=6)
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda if present")
     p.add_argument("--quick", action="store_true", help="tiny widths and 1 repeat: a smoke run")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="flatworld.runs.keep_freed_memory (as training runs do); off: malloc as "
+                        "it is")  # fmt: skip
     args = p.parse_args()
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     if args.quick:
         args.repeats, args.batch, args.seq_len = 1, 4, 16
     torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     out: dict = {"settings": {k: v for k, v in vars(args).items() if k != "devices"},
-                 "torch": torch.__version__}  # fmt: skip
+                 "torch": torch.__version__, "keep_freed_memory": kept}  # fmt: skip
     for name in devices:
         device = torch.device(name)
         peak = peak_matmul(device, 0.3 if args.quick else 1.0)

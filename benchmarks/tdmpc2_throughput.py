@@ -29,6 +29,7 @@ from common import flops_of, peak_matmul_flops, sync
 
 from flatworld import optim
 from flatworld.agents.tdmpc2 import TDMPC2Config, make
+from flatworld.runs.memory import keep_freed_memory
 
 # ../shared/reference/tdmpc2-cpu-speed.md: median ms, default malloc, 2 threads, batch 256.
 SIDE_BY_SIDE = {
@@ -174,11 +175,16 @@ def main() -> None:
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda if present")
     p.add_argument("--published-q", action=argparse.BooleanOptionalAction, default=True,
                    help="also time updates that run every Q head as the published code does")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="flatworld.runs.keep_freed_memory (as training runs do); off: malloc as "
+                        "it is, for the page faults before")  # fmt: skip
     args = p.parse_args()
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    out: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "results": {},
+    out: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                 "keep_freed_memory": kept, "results": {},
                  "side_by_side": SIDE_BY_SIDE}  # fmt: skip
     for dev in devices:
         device = torch.device(dev)

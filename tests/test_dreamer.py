@@ -18,6 +18,7 @@ from flatworld.agents.dreamer import (
     make,
 )
 from flatworld.agents.dreamer import agent as agent_module
+from flatworld.agents.dreamer.networks import OneHotFeat, feed, mlp, onehot_index
 from flatworld.nn import TwoHot, symexp, symlog
 
 T, B, OBS, ACT = 8, 4, 6, 3
@@ -168,6 +169,36 @@ def test_rssm_shapes_and_reset_at_is_first():
     assert init["deter"].shape == (3, D)
     step = rssm.obs_step(init, torch.zeros(3, ACT), torch.randn(3, E), sample=False)
     assert torch.equal(step["stoch"].reshape(3, S, C).sum(-1), torch.ones(3, S))
+
+
+@pytest.mark.parametrize("layers", [0, 2])
+def test_one_hot_features_feed_an_mlp_like_the_concatenation(layers):
+    """A head reading [dense, one-hot] in parts (rows summed for the one-hot part) gives the
+    dense layer's output and gradients: for the weights, and for straight-through inputs."""
+    torch.manual_seed(0)
+    n, d, s, c = 7, 5, 4, 3
+    net = mlp(d + s * c, 8, layers, 6)
+    if layers == 0:
+        torch.nn.init.normal_(net[0].bias)  # a bias that a missing term would show
+    dense = torch.randn(n, 2, d, requires_grad=True)
+    logits = torch.randn(n, 2, s, c, requires_grad=True)
+    probs = logits.softmax(-1)
+    hard = torch.nn.functional.one_hot(torch.randint(0, c, (n, 2, s)), c).float()
+    onehot = (hard + probs - probs.detach()).flatten(-2)  # straight-through, as sampled
+    feat = OneHotFeat(dense, onehot, onehot_index(onehot, s))
+    assert torch.equal(feat.index[..., 1], hard[..., 1, :].argmax(-1) + c)
+    out_parts = feed(net, feat)
+    out_full = net(feat.full())
+    torch.testing.assert_close(out_parts, out_full)
+    g = torch.randn_like(out_full)
+    grads_parts = torch.autograd.grad(out_parts, [dense, logits, *net.parameters()], g,
+                                      retain_graph=True)
+    grads_full = torch.autograd.grad(out_full, [dense, logits, *net.parameters()], g)
+    for a, b in zip(grads_parts, grads_full, strict=True):
+        torch.testing.assert_close(a, b)
+    assert grads_parts[1].abs().sum() > 0
+    # Slices keep the parts together.
+    torch.testing.assert_close(feed(net, feat[1:]), out_full[1:])
 
 
 def test_kl_balancing_and_free_bits_by_hand():
@@ -393,7 +424,8 @@ def test_rollout_gradient_only_where_needed(monkeypatch, discrete):
     the dynamics into the actor."""
     agent = make_agent(discrete=discrete)
     seen = []
-    spy(monkeypatch, agent.ac, "imagine", lambda a, k, out: seen.append(out[0].requires_grad))
+    spy(monkeypatch, agent.ac, "imagine",
+        lambda a, k, out: seen.append(out[0].dense.requires_grad))
     agent.update(synthetic_batch(discrete=discrete))
     agent.update(synthetic_batch(discrete=discrete))
     assert seen == [not discrete] * 2

@@ -11,11 +11,13 @@ from flatworld.runs.loop import (
     train,
     train_or_resume,
 )
+from flatworld.runs.memory import keep_freed_memory
 from flatworld.runs.protocol import Agent
 from flatworld.runs.replay import ReplayBuffer
 
 __all__ = [
     "Agent", "ConfigMismatchError", "ReplayBuffer", "RunConfig", "check_device",
-    "config_differences", "evaluate", "from_dict", "read_config", "resume", "train",
+    "config_differences", "evaluate", "from_dict", "keep_freed_memory", "read_config", "resume",
+    "train",
     "train_or_resume",
 ]  # fmt: skip

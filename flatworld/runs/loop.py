@@ -30,6 +30,7 @@ from flatworld.runs.checkpoint import (
 )
 from flatworld.runs.config import RunConfig, from_dict
 from flatworld.runs.logger import MetricsLog
+from flatworld.runs.memory import keep_freed_memory
 from flatworld.runs.protocol import Agent
 from flatworld.runs.replay import ReplayBuffer
 
@@ -230,6 +231,7 @@ class _Loop:
         from flatworld.envs import make
 
         self.run_dir, self.cfg = run_dir, cfg
+        keep_freed_memory()  # every step reuses its memory instead of page-faulting it in
         torch.manual_seed(cfg.seed)
         np.random.seed(derive_seed(cfg.seed) % 2**32)
         random.seed(cfg.seed)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils import clip_grad_norm_
 
 from flatworld.agents.dreamer.config import DreamerConfig
-from flatworld.agents.dreamer.networks import mlp
+from flatworld.agents.dreamer.networks import OneHotFeat, feed, mlp
 from flatworld.agents.dreamer.sequence import (
     SequenceModel,
     State,
@@ -80,9 +80,9 @@ class Actor(nn.Module):
         self.min_std, self.max_std = min_std, max_std
         self.net = mlp(feat_dim, units, layers, action_dim if discrete else 2 * action_dim)
 
-    def forward(self, feat: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, feat: Tensor | OneHotFeat) -> tuple[Tensor, Tensor]:
         """Distribution parameters: (log-probs, log-probs) or (mean, std)."""
-        out = self.net(feat)
+        out = feed(self.net, feat)
         if self.discrete:
             logp = unimix_logits(out, self.unimix)
             return logp, logp
@@ -126,28 +126,30 @@ class ActorCritic(nn.Module):
         self.retnorm = ReturnNorm(cfg.retnorm_decay, cfg.retnorm_low, cfg.retnorm_high,
                                   cfg.retnorm_max)  # fmt: skip
 
-    def value(self, feat: Tensor) -> Tensor:
-        return self.two_hot.decode(self.critic(feat))
+    def value(self, feat: Tensor | OneHotFeat) -> Tensor:
+        return self.two_hot.decode(feed(self.critic, feat))
 
     def imagine(self, seq: SequenceModel, start: State, horizon: int
-                ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:  # fmt: skip
+                ) -> tuple[OneHotFeat, Tensor, tuple[Tensor, Tensor]]:  # fmt: skip
         """feats (H+1, N, F) of the imagined states, actions (H, N, A) taken in the first H, and
         the policy's distribution parameters there (H, N, ...), which keep their gradient even
         when the rollout runs under no_grad. The actor sees detached states."""
-        state, feats, actions, params = start, [seq.feat(start)], [], []
+        state, feats, actions, params = start, [seq.onehot_feat(start)], [], []
         for _ in range(horizon):
             with torch.enable_grad():
                 p = self.actor(feats[-1].detach())
             # REINFORCE needs no gradient through the sample; backprop does (reparameterised).
             action = self.actor.sample(p if not self.discrete else (p[0].detach(), p[1]))
             state = seq.imagine_step(state, action)
-            feats.append(seq.feat(state))
+            feats.append(seq.onehot_feat(state))
             actions.append(action)
             params.append(p)
         a, b = zip(*params, strict=True)
         with torch.enable_grad():
             params_t = (torch.stack(a), torch.stack(b))
-        return torch.stack(feats), torch.stack(actions), params_t
+        feat = OneHotFeat(*(torch.stack(x) for x in zip(*(
+            (f.dense, f.onehot, f.index) for f in feats), strict=True)))  # fmt: skip
+        return feat, torch.stack(actions), params_t
 
     def losses(self, wm: nn.Module, start: State, cont0: Tensor
                ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:  # fmt: skip
@@ -158,7 +160,7 @@ class ActorCritic(nn.Module):
             feats, actions, params = self.imagine(wm.seq, start, cfg.imag_horizon)
             reward = wm.reward_mean(feats[1:])
             if self.episodic:
-                cont = (wm.cont(feats[1:]) > 0).to(feats.dtype)
+                cont = (feed(wm.cont, feats[1:]) > 0).to(reward.dtype)
             else:
                 cont = torch.ones_like(reward)
             live_value = None if self.discrete else self.value(feats)
@@ -168,7 +170,7 @@ class ActorCritic(nn.Module):
             weight = weight[:-1]
         # One critic pass on the detached states serves the critic loss and, for REINFORCE,
         # the returns as well.
-        v_logits = self.critic(feats.detach())
+        v_logits = feed(self.critic, feats.detach())
         value = self.two_hot.decode(v_logits) if live_value is None else live_value
         if self.discrete:
             value = value.detach()
@@ -182,7 +184,7 @@ class ActorCritic(nn.Module):
         entropy = self.actor.entropy(params)
         actor_loss = -((objective + cfg.entropy * entropy) * weight).mean()
         with torch.no_grad():
-            slow = self.two_hot.decode(self.slow_critic(feats[:-1].detach()))
+            slow = self.two_hot.decode(feed(self.slow_critic, feats[:-1].detach()))
         ce = soft_cross_entropy(v_logits[:-1], self.two_hot.encode(ret.detach()))
         reg = soft_cross_entropy(v_logits[:-1], self.two_hot.encode(slow))
         critic_loss = ((ce + cfg.slow_reg * reg) * weight).mean()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flatworld.agents.dreamer.networks import LN_EPS, Dense, init_
+from flatworld.agents.dreamer.networks import LN_EPS, Dense, init_, onehot_index, onehot_matmul
 from flatworld.agents.dreamer.sequence import (
     SequenceModel,
     State,
@@ -51,7 +51,9 @@ class RSSM(SequenceModel):
 
     # ---- pieces ----------------------------------------------------------------------------
     def _gru_step(self, deter: Tensor, stoch: Tensor, action: Tensor) -> Tensor:
-        x = torch.addmm(self.img_in_action(action), stoch, self.img_in_stoch.weight.t())
+        index = onehot_index(stoch, self.stoch)
+        x = torch.addmm(onehot_matmul(stoch, index, self.img_in_stoch.weight), action,
+                        self.img_in_action.weight.t())  # fmt: skip
         x = F.silu(self.img_in_norm(x))
         gates = self.gru_norm(torch.addmm(self.gru_x(x), deter, self.gru_h.weight.t()))
         reset, cand, update = gates.chunk(3, -1)
@@ -72,9 +74,6 @@ class RSSM(SequenceModel):
         deter = torch.tanh(self.init_deter).expand(batch_size, -1)
         stoch, logp = self._prior(deter, sample=False)
         return {"deter": deter, "stoch": stoch, "logits": logp}
-
-    def feat(self, state: State) -> Tensor:
-        return torch.cat([state["deter"], state["stoch"]], -1)
 
     def obs_step(self, state: State, action: Tensor, embed: Tensor,
                  sample: bool = True) -> State:  # fmt: skip

@@ -3,8 +3,9 @@
 The agent talks to its sequence model (the RSSM, or the transformer TSSM) only through
 :class:`SequenceModel`. A state is a dict of tensors with leading batch dims; every state holds
 ``stoch`` (flattened one-hot samples, straight-through) and ``logits`` (the log-probabilities of
-the categorical latents, after the uniform mixture), and ``feat(state)`` is what the heads,
-the actor and the critic see; the decoder sees ``decoder_feat(state)``.
+the categorical latents, after the uniform mixture), and ``feat(state)`` = [``deter``,
+``stoch``] is what the heads, the actor and the critic see; the decoder sees
+``decoder_feat(state)``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from flatworld.agents.dreamer.networks import OneHotFeat, onehot_index
 
 State = dict[str, Tensor]
 
@@ -72,7 +75,11 @@ class SequenceModel(nn.Module):
         raise NotImplementedError
 
     def feat(self, state: State) -> Tensor:
-        raise NotImplementedError
+        return torch.cat([state["deter"], state["stoch"]], -1)
+
+    def onehot_feat(self, state: State) -> OneHotFeat:
+        """``feat(state)`` in its two parts (the latent is one-hot): cheaper first layers."""
+        return OneHotFeat(state["deter"], state["stoch"], onehot_index(state["stoch"], self.stoch))
 
     def imagine_start(self, post: State) -> State:
         return {k: v.detach().flatten(0, 1) for k, v in post.items()}

@@ -186,9 +186,6 @@ class TSSM(SequenceModel):
                                      device=ref.device),
                 "slot": self.context - 1}  # fmt: skip
 
-    def feat(self, state: State) -> Tensor:
-        return torch.cat([state["deter"], state["stoch"]], -1)
-
     @property
     def decoder_dim(self) -> int:
         return self.stoch * self.classes

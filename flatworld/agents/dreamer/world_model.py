@@ -15,6 +15,8 @@ from flatworld.agents.dreamer.networks import (
     ConvEncoder,
     MLPDecoder,
     MLPEncoder,
+    OneHotFeat,
+    feed,
     mlp,
     preprocess,
     recon_loss,
@@ -81,8 +83,8 @@ class WorldModel(nn.Module):
         """Raw observations (..., *obs_shape) -> embeddings (..., E)."""
         return self.encoder(self.preprocess(obs))
 
-    def reward_mean(self, feat: Tensor) -> Tensor:
-        return self.two_hot.decode(self.reward(feat))
+    def reward_mean(self, feat: Tensor | OneHotFeat) -> Tensor:
+        return self.two_hot.decode(feed(self.reward, feat))
 
     def loss(self, data: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], State]:
         """World-model loss on prepared data (see ``DreamerAgent.prepare``): the loss, its
