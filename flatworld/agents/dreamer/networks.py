@@ -127,11 +127,10 @@ def feed(net: nn.Sequential, x: Tensor | OneHotFeat) -> Tensor:
     linear = first[0] if isinstance(first, Dense) else first
     d, w = x.dense.shape[-1], linear.weight
     h = onehot_matmul(x.onehot, x.index, w[:, d:])
+    # In place, into the fresh sum: an out-of-place addmm would first copy it.
+    h.view(-1, h.shape[-1]).addmm_(x.dense.reshape(-1, d), w[:, :d].t())
     if linear.bias is not None:
-        h = h + linear.bias
-    lead = h.shape[:-1]
-    h = torch.addmm(h.reshape(-1, h.shape[-1]), x.dense.reshape(-1, d), w[:, :d].t())
-    h = h.reshape(*lead, -1)
+        h.add_(linear.bias)
     rest = list(first)[1:] if isinstance(first, Dense) else []
     for layer in rest + list(net)[1:]:
         h = layer(h)

@@ -51,11 +51,10 @@ class RSSM(SequenceModel):
 
     # ---- pieces ----------------------------------------------------------------------------
     def _gru_step(self, deter: Tensor, stoch: Tensor, action: Tensor) -> Tensor:
-        index = onehot_index(stoch, self.stoch)
-        x = torch.addmm(onehot_matmul(stoch, index, self.img_in_stoch.weight), action,
-                        self.img_in_action.weight.t())  # fmt: skip
-        x = F.silu(self.img_in_norm(x))
-        gates = self.gru_norm(torch.addmm(self.gru_x(x), deter, self.gru_h.weight.t()))
+        # addmm_ into fresh outputs: an out-of-place addmm would copy them first.
+        x = onehot_matmul(stoch, onehot_index(stoch, self.stoch), self.img_in_stoch.weight)
+        x = F.silu(self.img_in_norm(x.addmm_(action, self.img_in_action.weight.t())))
+        gates = self.gru_norm(self.gru_x(x).addmm_(deter, self.gru_h.weight.t()))
         reset, cand, update = gates.chunk(3, -1)
         cand = torch.tanh(torch.sigmoid(reset) * cand)
         update = torch.sigmoid(update - 1.0)
