@@ -57,7 +57,9 @@ def peak_matmul(device: torch.device, seconds: float) -> float:
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median wall seconds per call over ``repeats`` calls, after one warm-up call."""
+    """Median wall seconds per call over ``repeats`` calls, after two warm-up calls (the
+    heap settles over the first steps: see flatworld.runs.memory)."""
+    fn()
     fn()
     out = []
     for _ in range(repeats):

@@ -28,6 +28,7 @@ class SequenceModel(nn.Module):
       where ``is_first`` is 1 the state and the previous action are reset first;
     - ``obs_step(state, action, embed, sample)``: one step of ``observe`` (acting);
     - ``imagine_step(state, action, sample)``: the prior's next state, without an observation;
+      the state's latent must be one-hot (a sample or a mode: see ``networks.onehot_matmul``);
     - ``imagine_start(post)``: every posterior state of a (T, B) batch as (T*B) start states.
     - ``decoder_feat(state)`` (``decoder_dim`` wide): what the decoder sees; by default the
       same as ``feat`` (DreamerV3). The transformer's decoder sees the latent only.

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flatworld.agents.dreamer.networks import LN_EPS, init_, mlp
+from flatworld.agents.dreamer.networks import LN_EPS, init_, mlp, onehot_index, onehot_matmul
 from flatworld.agents.dreamer.rssm import _split_linear
 from flatworld.agents.dreamer.sequence import (
     SequenceModel,
@@ -99,12 +99,17 @@ class TSSM(SequenceModel):
         self.register_buffer("ring_dist", (ar[:, None] - ar[None]) % context, persistent=False)
 
     # ---- pieces ----------------------------------------------------------------------------
-    def token(self, prev_stoch: Tensor, action: Tensor) -> Tensor:
-        """The token Dense([z_{t-1}, a_{t-1}]), (..., W)."""
+    def token(self, prev_stoch: Tensor, action: Tensor, onehot: bool = False) -> Tensor:
+        """The token Dense([z_{t-1}, a_{t-1}]), (..., W). ``onehot``: z is a sample (one-hot
+        in every group, never the all-zero latent of an episode start), read by row sums."""
         lead = prev_stoch.shape[:-1]
-        x = torch.addmm(self.tok_action(action).reshape(-1, self.width) + self.tok_bias,
-                        prev_stoch.reshape(-1, prev_stoch.shape[-1]), self.tok_stoch.weight.t())
-        return F.silu(self.tok_norm(x)).reshape(*lead, self.width)  # fmt: skip
+        z = prev_stoch.reshape(-1, prev_stoch.shape[-1])
+        if onehot:
+            x = onehot_matmul(z, onehot_index(z, self.stoch), self.tok_stoch.weight)
+        else:
+            x = z @ self.tok_stoch.weight.t()
+        x = x.addmm_(action.reshape(-1, action.shape[-1]), self.tok_action.weight.t())
+        return F.silu(self.tok_norm(x.add_(self.tok_bias))).reshape(*lead, self.width)
 
     def forward_tokens(self, tokens: Tensor, start: Tensor, dropout: bool = False
                        ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
@@ -200,7 +205,8 @@ class TSSM(SequenceModel):
         return {"deter": h, "stoch": stoch, "logits": logp, **cache}
 
     def imagine_step(self, state: State, action: Tensor, sample: bool = True) -> State:
-        h, cache = self._step(state, self.token(state["stoch"], action))
+        # Imagination starts from posterior samples: every latent it reads is one-hot.
+        h, cache = self._step(state, self.token(state["stoch"], action, onehot=True))
         stoch, logp = self._latent(self.prior_net(h), sample)
         return {"deter": h, "stoch": stoch, "logits": logp, **cache}
 
