@@ -131,9 +131,10 @@ class ActorCritic(nn.Module):
 
     def imagine(self, seq: SequenceModel, start: State, horizon: int
                 ) -> tuple[OneHotFeat, Tensor, tuple[Tensor, Tensor]]:  # fmt: skip
-        """feats (H+1, N, F) of the imagined states, actions (H, N, A) taken in the first H, and
-        the policy's distribution parameters there (H, N, ...), which keep their gradient even
-        when the rollout runs under no_grad. The actor sees detached states."""
+        """feats (H+1, N, F) of the imagined states (a OneHotFeat: every head's first layer
+        reads the one-hot latent by summing weight rows), actions (H, N, A) taken in the first
+        H, and the policy's distribution parameters there (H, N, ...), which keep their gradient
+        even when the rollout runs under no_grad. The actor sees detached states."""
         state, feats, actions, params = start, [seq.onehot_feat(start)], [], []
         for _ in range(horizon):
             with torch.enable_grad():
