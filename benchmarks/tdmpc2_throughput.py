@@ -6,6 +6,13 @@ bmm, convs), so ``frac_peak`` says how much of the time goes to useful matrix wo
 
     python benchmarks/tdmpc2_throughput.py                 # 1M and 5M, CPU (+CUDA if present)
     python benchmarks/tdmpc2_throughput.py --sizes 1 --threads 1 --repeats 5
+    python benchmarks/tdmpc2_throughput.py --compile      # also TDMPC2Config(compile=True)
+
+With --compile every variant is also timed with ``compile=True`` (torch.compile'd world-model
+loss, policy loss and MPPI search) in the same process: ``<variant>_compiled`` entries, the
+ratios under "compiled_over_eager", and the compile time apart from the step time under
+"compile_s" (the warm-up calls' wall time less the same number of steady calls). "recompiles"
+counts graphs compiled after the warm-up (0: a run compiles in its first steps only).
 
 Both sizes are timed at walker-walk's shapes (24-dim observations, 6-dim actions).
 
@@ -26,6 +33,7 @@ import time
 import numpy as np
 import torch
 from common import flops_of, peak_matmul_flops, sync
+from torch._dynamo.utils import counters
 
 from flatworld import optim
 from flatworld.agents.tdmpc2 import TDMPC2Config, make
@@ -111,6 +119,16 @@ def world_model_pass(agent, b: dict[str, torch.Tensor]):
     return one_pass
 
 
+def warm_up(fns, device: torch.device) -> float:
+    """Wall seconds of the first calls (where torch.compile compiles)."""
+    sync(device)
+    t = time.perf_counter()
+    for fn in fns:
+        fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
 def bench_size(size: int, device: torch.device, args: argparse.Namespace) -> dict:
     res: dict = {}
     obs = np.random.default_rng(0).normal(size=OBS_DIM).astype(np.float32)
@@ -119,22 +137,44 @@ def bench_size(size: int, device: torch.device, args: argparse.Namespace) -> dic
                 ("sam_encoder_dynamics", sam, "encoder_dynamics")]  # fmt: skip
     if args.published_q:
         variants += [("adam_every_q_head", None, "all"), ("sam_every_q_head", sam, "all")]
-    for name, spec, scope in variants:
+    modes = [False, True] if args.compile else [False]
+    for (base, spec, scope), compile_ in ((v, c) for v in variants for c in modes):
+        name = base + ("_compiled" if compile_ else "")
         torch.manual_seed(0)
-        cfg = TDMPC2Config(model_size=size, wm_optim=optim.OptimSpec(sam=spec), sam_scope=scope)
+        torch._dynamo.reset()  # each compiled agent compiles afresh (and counts its own graphs)
+        counters.clear()
+        cfg = TDMPC2Config(model_size=size, wm_optim=optim.OptimSpec(sam=spec), sam_scope=scope,
+                           compile=compile_)  # fmt: skip
         agent = make(cfg, obs_shape=(OBS_DIM,), action_dim=ACTION_DIM, episode_length=1000,
                      device=device)  # fmt: skip
-        if name.endswith("every_q_head"):
+        if base.endswith("every_q_head"):
             evaluate_every_q_head(agent)
         b = batch(cfg, device)
-        for _ in range(2):
-            agent.update(b)
+        warm = warm_up([lambda: agent.update(b)] * 2, device)  # noqa: B023
+        graphs = counters["stats"]["unique_graphs"]
         sec, cpu = timed(lambda: agent.update(b), args.updates, args.repeats, device)  # noqa: B023
-        fl = flops_of(lambda: agent.update(b))  # noqa: B023
-        res[name] = {"update_ms": 1e3 * sec, "updates_per_s": 1 / sec, "update_cpu_ms": 1e3 * cpu,
-                     "update_gflop": fl / 1e9,
-                     "update_page_faults": page_faults(lambda: agent.update(b),  # noqa: B023
-                                                       args.updates)}  # fmt: skip
+        res[name] = {"update_ms": 1e3 * sec, "updates_per_s": 1 / sec, "update_cpu_ms": 1e3 * cpu}
+        if compile_:
+            # FlopCounterMode would make dynamo recompile; the FLOPs are the eager ones.
+            res[name]["update_gflop"] = res[base]["update_gflop"]
+            res.setdefault("compile_s", {})[base] = warm - 2 * sec
+            res.setdefault("compiled_over_eager", {})[base] = sec / (1e-3 * res[base]["update_ms"])
+        else:
+            res[name]["update_gflop"] = flops_of(lambda: agent.update(b)) / 1e9  # noqa: B023
+        res[name]["update_page_faults"] = page_faults(lambda: agent.update(b),  # noqa: B023
+                                                      args.updates)  # fmt: skip
+        if compile_:
+            res.setdefault("recompiles", {})[base] = counters["stats"]["unique_graphs"] - graphs
+        if name == "adam_compiled":
+            warm = warm_up([lambda: agent.act(obs, t0=True, eval_mode=False),  # noqa: B023
+                            lambda: agent.act(obs, t0=False, eval_mode=False)], device)  # noqa: B023
+            graphs = counters["stats"]["unique_graphs"]
+            sec, cpu = timed(lambda: agent.act(obs, t0=False, eval_mode=False),  # noqa: B023
+                             args.acts, args.repeats, device)  # fmt: skip
+            res[name].update(act_ms=1e3 * sec, acts_per_s=1 / sec, act_cpu_ms=1e3 * cpu)
+            res["compile_s"]["act"] = warm - 2 * sec
+            res["compiled_over_eager"]["act"] = sec / (1e-3 * res["act_ms"])
+            res["recompiles"]["act"] = counters["stats"]["unique_graphs"] - graphs
         if name == "adam":
             res["params_m"] = sum(p.numel() for p in agent.model.parameters()
                                   if p.requires_grad) / 1e6
@@ -173,6 +213,8 @@ def main() -> None:
     p.add_argument("--acts", type=int, default=5, help="timed acts per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda if present")
+    p.add_argument("--compile", action="store_true",
+                   help="also time every variant with TDMPC2Config(compile=True)")
     p.add_argument("--published-q", action=argparse.BooleanOptionalAction, default=True,
                    help="also time updates that run every Q head as the published code does")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
@@ -195,7 +237,7 @@ def main() -> None:
         for res in r.values():
             res["act_frac_peak"] = res["act_gflop"] / res["act_ms"] / (peak / 1e12)
             for v in res.values():
-                if isinstance(v, dict):
+                if isinstance(v, dict) and "update_gflop" in v:
                     v["update_frac_peak"] = v["update_gflop"] / v["update_ms"] / (peak / 1e12)
         out["results"][dev] = {"peak_matmul_gflops": peak / 1e9, **r}
     print(json.dumps(_rounded(out), indent=1))

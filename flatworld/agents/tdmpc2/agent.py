@@ -8,11 +8,13 @@ One update, top to bottom:
      update started from), through a detached but live view of the Q-ensemble;
   4. Polyak update of the target Q from the live weights.
 The policy, planner and targets cannot tell which optimizer trained the world model.
+With ``cfg.compile`` the world-model loss (both SAM passes), the policy loss and the MPPI search
+run under torch.compile; everything else is the same code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,18 @@ from flatworld.agents.tdmpc2.config import TDMPC2Config
 from flatworld.agents.tdmpc2.planner import MPPIPlanner
 from flatworld.agents.tdmpc2.world_model import WorldModel
 from flatworld.nn import RunningScale, ShiftAug, rng_state, set_rng_state, soft_cross_entropy
+
+
+def compiled(fn: Callable) -> Callable:
+    """``fn`` under torch.compile (inductor), shapes fixed (a run's shapes never change).
+
+    ``fallback_random``: random ops (Q-head dropout, policy noise, MPPI samples) run as the
+    eager kernels on the global generator, so the compiled function draws exactly the eager
+    randomness: SAM's passes replay it with set_rng_state as in eager, and compiled and eager
+    agree to float rounding. (Inductor's own generator is seeded from the global one, so it
+    would replay too, but it draws different numbers than eager and measured slower here.)
+    """
+    return torch.compile(fn, dynamic=False, options={"fallback_random": True})
 
 
 def discount_for(cfg: TDMPC2Config, episode_length: int) -> float:
@@ -57,6 +71,11 @@ class TDMPC2Agent:
         self._rho = cfg.rho ** torch.arange(cfg.horizon + 1, dtype=torch.float32,
                                              device=self.device)  # fmt: skip
         self.updates = 0
+        # The pieces the update and the planner call; compiled ones with cfg.compile.
+        self._wm_loss, self._pi_loss = self.world_model_loss, self.pi_loss
+        if cfg.compile:
+            self._wm_loss, self._pi_loss = compiled(self._wm_loss), compiled(self._pi_loss)
+            self.planner.mppi = compiled(self.planner.mppi)  # type: ignore[method-assign]
 
     # Acting.
     @torch.no_grad()
@@ -150,7 +169,7 @@ class TDMPC2Agent:
             for p in self._head_params if frozen else ():
                 p.requires_grad_(False)
             try:
-                loss, parts, zs = self.world_model_loss(batch, tg)
+                loss, parts, zs = self._wm_loss(batch, tg)
                 loss.backward()
             finally:
                 for p in self._head_params if frozen else ():
@@ -187,22 +206,28 @@ class TDMPC2Agent:
         out["sam_passes"] = float(first["calls"])
         return out
 
-    def update_pi(self, zs: Tensor) -> dict[str, Tensor]:
-        """Policy step on latent states zs (H+1, B, L): maximise scaled Q plus entropy."""
+    def pi_loss(self, zs: Tensor) -> tuple[Tensor, Tensor]:
+        """(policy loss, mean entropy) on latent states zs (H+1, B, L): maximise scaled Q plus
+        entropy. Updates the running Q scale in place."""
         cfg = self.cfg
         action, _, info = self.model.pi(zs)
         q = self.model.q(zs, action, "avg", detach=True)
         self.scale.update(q[0])
         q = self.scale(q)
         objective = (cfg.entropy_coef * info["scaled_entropy"] + q).mean(dim=(1, 2))
-        pi_loss = -(objective * self._rho[: zs.shape[0]]).mean()
+        return -(objective * self._rho[: zs.shape[0]]).mean(), info["entropy"].detach().mean()
+
+    def update_pi(self, zs: Tensor) -> dict[str, Tensor]:
+        """Policy step on latent states zs (H+1, B, L)."""
+        cfg = self.cfg
+        pi_loss, entropy = self._pi_loss(zs)
         pi_loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.pi_net.parameters(),
                                               cfg.grad_clip_norm, foreach=True)  # fmt: skip
         self.pi_optim.step()
         self.pi_optim.zero_grad(set_to_none=True)
         return {"pi_loss": pi_loss.detach(), "pi_grad_norm": norm,
-                "pi_entropy": info["entropy"].detach().mean(),
+                "pi_entropy": entropy,
                 "pi_scale": self.scale.value[0].clone()}  # fmt: skip
 
     # Measurement only: weights, gradients, optimizer state and the global RNG are untouched.

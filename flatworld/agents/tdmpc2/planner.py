@@ -45,6 +45,17 @@ class MPPIPlanner:
     @torch.no_grad()
     def search(self, obs: Tensor, t0: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """MPPI: (mean (H, A), std (H, A), elites (H, E, A), score (E,)) of the last iteration."""
+        mean = torch.zeros(self.cfg.horizon, self.action_dim, device=obs.device)
+        if not t0:
+            mean[:-1] = self.prev_mean[1:]
+        mean, std, elites, score = self.mppi(obs, mean)
+        self.prev_mean.copy_(mean)
+        return mean, std, elites, score
+
+    @torch.no_grad()
+    def mppi(self, obs: Tensor, mean: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The search from a starting mean (H, A): a pure function of its inputs and the RNG
+        (the one graph that ``TDMPC2Config.compile`` compiles for acting)."""
         cfg, h, a_dim = self.cfg, self.cfg.horizon, self.action_dim
         z = self.model.encode(obs)
         n_pi, n = cfg.num_pi_trajs, cfg.num_samples
@@ -55,9 +66,6 @@ class MPPIPlanner:
                 actions[t, :n_pi] = self.model.pi(zp)[0]
                 if t < h - 1:
                     zp = self.model.next(zp, actions[t, :n_pi])
-        mean = torch.zeros(h, a_dim, device=z.device)
-        if not t0:
-            mean[:-1] = self.prev_mean[1:]
         std = torch.full((h, a_dim), cfg.max_std, device=z.device)
         z = z.expand(n, -1)
         for _ in range(self.iterations):
@@ -70,7 +78,6 @@ class MPPIPlanner:
             mean = torch.einsum("e,hea->ha", score, elites)
             std = torch.einsum("e,hea->ha", score, (elites - mean.unsqueeze(1)).pow(2)).sqrt()
             std = std.clamp(cfg.min_std, cfg.max_std)
-        self.prev_mean.copy_(mean)
         return mean, std, elites, score
 
     def state_dict(self) -> dict[str, Tensor]:

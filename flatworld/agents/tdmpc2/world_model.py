@@ -102,6 +102,10 @@ class WorldModel(nn.Module):
         if reduce == "all_mean":
             return self.two_hot.decode(self.q_logits(z, a, target, detach)).mean(0)
         idx = torch.randperm(self.num_q, device=z.device)[:2]
+        if self.num_q == 2:
+            # The same values. Under torch.compile the slice is a no-op and drops out, and
+            # inductor's randperm-index pattern fails on randperm indexing directly (torch 2.13).
+            idx = idx + 0
         q1, q2 = self.two_hot.decode(self.q_logits(z, a, target, detach, idx)).unbind(0)
         if reduce == "min":
             return torch.minimum(q1, q2)
