@@ -40,6 +40,14 @@ def test_compile_flag_is_validated():
         TDMPC2Config(compile=1).validate()  # type: ignore[arg-type]
 
 
+def test_compile_without_a_cpp_compiler_is_refused(monkeypatch):
+    from flatworld.agents.tdmpc2 import agent as agent_module
+
+    monkeypatch.setattr(agent_module.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="compile=True on CPU needs a C\\+\\+ compiler"):
+        make_agent(compile=True, **KW)
+
+
 def test_compiled_losses_and_gradients_match_eager():
     """The same weights, batch, targets and random stream (Q-head dropout, policy noise, MPPI
     samples): compiled and eager losses, their gradients, the Q scale, the plan and the RNG use

@@ -14,6 +14,8 @@ run under torch.compile; everything else is the same code.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,6 +41,10 @@ def compiled(fn: Callable) -> Callable:
     would replay too, but it draws different numbers than eager and measured slower here.)
     """
     return torch.compile(fn, dynamic=False, options={"fallback_random": True})
+
+
+def _cpp_compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
 
 def discount_for(cfg: TDMPC2Config, episode_length: int) -> float:
@@ -74,6 +80,10 @@ class TDMPC2Agent:
         # The pieces the update and the planner call; compiled ones with cfg.compile.
         self._wm_loss, self._pi_loss = self.world_model_loss, self.pi_loss
         if cfg.compile:
+            if self.device.type == "cpu" and not _cpp_compiler():
+                raise ValueError("compile=True on CPU needs a C++ compiler (inductor builds its "
+                                 "kernels with one): install g++ or set CXX; accepted "
+                                 "otherwise: compile=False")  # fmt: skip
             self._wm_loss, self._pi_loss = compiled(self._wm_loss), compiled(self._pi_loss)
             self.planner.mppi = compiled(self.planner.mppi)  # type: ignore[method-assign]
 
