@@ -18,6 +18,5 @@ from flatworld.runs.replay import ReplayBuffer
 __all__ = [
     "Agent", "ConfigMismatchError", "ReplayBuffer", "RunConfig", "check_device",
     "config_differences", "evaluate", "from_dict", "keep_freed_memory", "read_config", "resume",
-    "train",
-    "train_or_resume",
+    "train", "train_or_resume",
 ]  # fmt: skip

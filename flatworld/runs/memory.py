@@ -10,7 +10,7 @@ pages mapped: the next step reuses them without a fault.
 
 The cost is memory held: the heap grows over the first steps until the step's pattern of blocks
 fits in it, and stays there. Dreamer S on Atari-size batches, 10 updates: 3.1 GB resident with
-freed memory kept; 1.2-1.4 GB between updates without (2.7 GB at its peak), and each update
+freed memory kept; without it 1.2-1.4 GB between updates (2.7 GB at its peak), with each update
 about 20% slower on one thread. Set ``FLATWORLD_KEEP_FREED_MEMORY=0`` to leave malloc as it is.
 """
 

@@ -74,7 +74,7 @@ def onehot_index(onehot: Tensor, groups: int) -> Tensor:
 
 
 class _OneHotMatmul(torch.autograd.Function):
-    """bias + onehot @ weight.t() for ``onehot`` (N, S*C) of S exactly one-hot groups whose
+    """onehot @ weight.t() for ``onehot`` (N, S*C) of S exactly one-hot groups whose
     columns are ``index`` (N, S). Forward sums rows (embedding_bag); backward is the dense
     product, for the weight and (straight-through samples) for the input."""
 
@@ -114,9 +114,6 @@ class OneHotFeat:
 
     def detach(self) -> OneHotFeat:
         return OneHotFeat(self.dense.detach(), self.onehot.detach(), self.index)
-
-    def full(self) -> Tensor:
-        return torch.cat([self.dense, self.onehot], -1)
 
 
 def feed(net: nn.Sequential, x: Tensor | OneHotFeat) -> Tensor:
