@@ -18,7 +18,7 @@ from flatworld.agents.dreamer import (
     make,
 )
 from flatworld.agents.dreamer import agent as agent_module
-from flatworld.agents.dreamer.networks import OneHotFeat, feed, mlp, onehot_index
+from flatworld.agents.dreamer.networks import MLPDecoder, OneHotFeat, feed, mlp, onehot_index
 from flatworld.nn import TwoHot, symexp, symlog
 
 T, B, OBS, ACT = 8, 4, 6, 3
@@ -165,6 +165,9 @@ def test_rssm_shapes_and_reset_at_is_first():
     start = rssm.imagine_start(post)
     nxt = rssm.imagine_step(start, torch.randn(T * B, ACT))
     assert nxt["deter"].shape == (T * B, D) and nxt["stoch"].shape == (T * B, S * C)
+    # States carry the columns of their latents' 1s, so that no reader needs an argmax.
+    for state in (post, start, nxt):
+        assert torch.equal(state["index"], onehot_index(state["stoch"], S))
     init = rssm.initial(3)
     assert init["deter"].shape == (3, D)
     step = rssm.obs_step(init, torch.zeros(3, ACT), torch.randn(3, E), sample=False)
@@ -199,6 +202,21 @@ def test_one_hot_features_feed_an_mlp_like_the_concatenation(layers):
     assert grads_parts[1].abs().sum() > 0
     # Slices keep the parts together.
     torch.testing.assert_close(feed(net, feat[1:]), out_full[1:])
+
+
+def test_one_hot_features_feed_a_linear_and_a_decoder_of_the_latent_alone():
+    """The decoders read a OneHotFeat too: a bare Linear (with bias) and, for the transformer,
+    a feature with no dense part (the latent alone)."""
+    torch.manual_seed(0)
+    n, d, s, c = 6, 5, 4, 3
+    hard = torch.nn.functional.one_hot(torch.randint(0, c, (n, s)), c).float().flatten(-2)
+    for width in (d, 0):
+        lin = torch.nn.Linear(width + s * c, 7)
+        dense = torch.randn(n, width)
+        feat = OneHotFeat(dense, hard, onehot_index(hard, s))
+        torch.testing.assert_close(feed(lin, feat), lin(torch.cat([dense, hard], -1)))
+        dec = MLPDecoder(width + s * c, 3, 8, 1)
+        torch.testing.assert_close(dec(feat), dec(torch.cat([dense, hard], -1)))
 
 
 def test_kl_balancing_and_free_bits_by_hand():

@@ -23,6 +23,7 @@ from flatworld.agents.dreamer import (
 )
 from flatworld.agents.dreamer import transformer as tssm_module
 from flatworld.agents.dreamer import world_model as wm_module
+from flatworld.agents.dreamer.networks import onehot_index
 from flatworld.agents.dreamer.transformer import ACCPC
 from tests.test_dreamer import ACT, OBS, all_params, same, spy, synthetic_batch, tiny
 
@@ -101,12 +102,14 @@ def test_published_defaults_and_what_the_decoder_sees():
     assert wm.seq.decoder_dim == S * C and wm.decoder.proj.in_features == S * C
     assert len(wm.cpc.heads) == 3
     state = wm.seq.initial(2)
-    assert wm.seq.decoder_feat(state) is state["stoch"]
+    seen = wm.seq.decoder_feat(state)
+    assert seen.dense.shape[-1] == 0 and seen.onehot is state["stoch"]
     # The RSSM's decoder still sees everything.
     rssm = RSSM(E, ACT, deter=8, units=8, stoch=S, classes=C)
     assert rssm.decoder_dim == rssm.feat_dim
     st = rssm.initial(2)
-    torch.testing.assert_close(rssm.decoder_feat(st), rssm.feat(st))
+    seen = rssm.decoder_feat(st)
+    torch.testing.assert_close(torch.cat([seen.dense, seen.onehot], -1), rssm.feat(st))
 
 
 # ---- the transformer -----------------------------------------------------------------------
@@ -189,6 +192,7 @@ def test_cached_imagination_equals_the_uncached_forward(grad):
         torch.manual_seed(4)
         for i in range(15):
             state = seq.imagine_step(state, acts[i])
+            assert torch.equal(state["index"], onehot_index(state["stoch"], seq.stoch))
             hs.append(state["deter"])
             zs.append(state["stoch"])
             logits.append(state["logits"])
@@ -206,7 +210,7 @@ def test_cached_imagination_equals_the_uncached_forward(grad):
                 h, _, _ = seq.forward_tokens(tokens, start[:, None])
                 torch.testing.assert_close(torch.stack([x[i] for x in hs]), h[t + 1:, 0],
                                            rtol=1e-5, atol=1e-5)  # fmt: skip
-                _, prior_logp = seq._latent(seq.prior_net(h[t + 1:, 0]), False)
+                _, prior_logp, _ = seq._latent(seq.prior_net(h[t + 1:, 0]), False)
                 torch.testing.assert_close(torch.stack([x[i] for x in logits]), prior_logp,
                                            rtol=1e-5, atol=1e-5)  # fmt: skip
 

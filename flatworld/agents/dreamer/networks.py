@@ -73,31 +73,37 @@ def onehot_index(onehot: Tensor, groups: int) -> Tensor:
     return onehot.detach().unflatten(-1, (groups, classes)).argmax(-1) + offsets
 
 
-class _OneHotMatmul(torch.autograd.Function):
-    """onehot @ weight.t() for ``onehot`` (N, S*C) of S exactly one-hot groups whose
-    columns are ``index`` (N, S). Forward sums rows (embedding_bag); backward is the dense
-    product, for the weight and (straight-through samples) for the input."""
+class _OneHotRows(torch.autograd.Function):
+    """onehot @ rows for ``onehot`` (N, S*C) of S exactly one-hot groups whose columns are
+    ``index`` (N, S), and ``rows`` (S*C, out). Forward sums rows (embedding_bag); backward is
+    the dense product, for the rows and (straight-through samples) for the input."""
 
     @staticmethod
-    def forward(ctx: Any, onehot: Tensor, index: Tensor, weight: Tensor) -> Tensor:
-        ctx.save_for_backward(onehot, weight)
-        return F.embedding_bag(index, weight.t().contiguous(), mode="sum")
+    def forward(ctx: Any, onehot: Tensor, index: Tensor, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(onehot, rows)
+        return F.embedding_bag(index, rows, mode="sum")
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
-        onehot, weight = ctx.saved_tensors
-        g_in = grad @ weight if ctx.needs_input_grad[0] else None
-        g_w = grad.t() @ onehot if ctx.needs_input_grad[2] else None
-        return g_in, None, g_w
+        onehot, rows = ctx.saved_tensors
+        g_in = grad @ rows.t() if ctx.needs_input_grad[0] else None
+        g_rows = onehot.t() @ grad if ctx.needs_input_grad[2] else None
+        return g_in, None, g_rows
+
+
+def onehot_rows(onehot: Tensor, index: Tensor, rows: Tensor) -> Tensor:
+    """``onehot @ rows`` (..., out) for ``onehot`` (..., S * C) whose every group of C is
+    one-hot (exactly 0/1) at the columns ``index`` (..., S) (see :func:`onehot_index`), and
+    ``rows`` (S * C, out): a layer kept in that layout needs no transpose per call."""
+    lead = onehot.shape[:-1]
+    out = _OneHotRows.apply(onehot.reshape(-1, onehot.shape[-1]),
+                            index.reshape(-1, index.shape[-1]), rows)  # fmt: skip
+    return out.reshape(*lead, rows.shape[1])
 
 
 def onehot_matmul(onehot: Tensor, index: Tensor, weight: Tensor) -> Tensor:
-    """``onehot @ weight.t()`` (..., out) for ``onehot`` (..., S * C) whose every group of C is
-    one-hot (exactly 0/1) at the columns ``index`` (..., S) (see :func:`onehot_index`)."""
-    lead = onehot.shape[:-1]
-    out = _OneHotMatmul.apply(onehot.reshape(-1, onehot.shape[-1]),
-                              index.reshape(-1, index.shape[-1]), weight)  # fmt: skip
-    return out.reshape(*lead, weight.shape[0])
+    """``onehot @ weight.t()``, as :func:`onehot_rows`, for a Linear's ``weight`` (out, S * C)."""
+    return onehot_rows(onehot, index, weight.t().contiguous())
 
 
 @dataclass(frozen=True)
@@ -116,20 +122,22 @@ class OneHotFeat:
         return OneHotFeat(self.dense.detach(), self.onehot.detach(), self.index)
 
 
-def feed(net: nn.Sequential, x: Tensor | OneHotFeat) -> Tensor:
-    """``net(x)`` for an :func:`mlp`, reading a :class:`OneHotFeat` without concatenating it."""
+def feed(net: nn.Sequential | nn.Linear, x: Tensor | OneHotFeat) -> Tensor:
+    """``net(x)`` for an :func:`mlp` or a Linear, reading a :class:`OneHotFeat` without
+    concatenating it."""
     if isinstance(x, Tensor):
         return net(x)
-    first = net[0]
+    layers = list(net) if isinstance(net, nn.Sequential) else [net]
+    first = layers[0]
     linear = first[0] if isinstance(first, Dense) else first
     d, w = x.dense.shape[-1], linear.weight
     h = onehot_matmul(x.onehot, x.index, w[:, d:])
-    # In place, into the fresh sum: an out-of-place addmm would first copy it.
-    h.view(-1, h.shape[-1]).addmm_(x.dense.reshape(-1, d), w[:, :d].t())
+    if d > 0:  # in place, into the fresh sum: an out-of-place addmm would first copy it
+        h.view(-1, h.shape[-1]).addmm_(x.dense.reshape(-1, d), w[:, :d].t())
     if linear.bias is not None:
         h.add_(linear.bias)
     rest = list(first)[1:] if isinstance(first, Dense) else []
-    for layer in rest + list(net)[1:]:
+    for layer in rest + layers[1:]:
         h = layer(h)
     return h
 
@@ -193,9 +201,9 @@ class ConvDecoder(nn.Module):
         layers.append(last)
         self.net = nn.Sequential(*layers)
 
-    def forward(self, feat: Tensor) -> Tensor:
-        lead = feat.shape[:-1]
-        x = self.proj(feat.reshape(-1, feat.shape[-1])).unflatten(-1, (self.top, 4, 4))
+    def forward(self, feat: Tensor | OneHotFeat) -> Tensor:
+        lead = (feat if isinstance(feat, Tensor) else feat.dense).shape[:-1]
+        x = feed(self.proj, feat).reshape(-1, self.top, 4, 4)
         x = self.net(x.contiguous(memory_format=torch.channels_last))
         return x.reshape(*lead, *self.obs_shape)
 
@@ -219,8 +227,8 @@ class MLPDecoder(nn.Module):
         super().__init__()
         self.net = mlp(feat_dim, units, layers, obs_dim)
 
-    def forward(self, feat: Tensor) -> Tensor:
-        return self.net(feat)
+    def forward(self, feat: Tensor | OneHotFeat) -> Tensor:
+        return feed(self.net, feat)
 
 
 def recon_loss(pred: Tensor, target: Tensor, obs_ndim: int) -> Tensor:

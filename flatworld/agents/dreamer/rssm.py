@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flatworld.agents.dreamer.networks import LN_EPS, Dense, init_, onehot_index, onehot_matmul
+from flatworld.agents.dreamer.networks import LN_EPS, Dense, init_, onehot_index, onehot_rows
 from flatworld.agents.dreamer.sequence import (
     SequenceModel,
     State,
@@ -35,7 +35,9 @@ class RSSM(SequenceModel):
         self.feat_dim = deter + latent
         # Layers that read a concatenation [x, y] are kept as one matrix per input (no copy
         # into a concatenated tensor every step), initialised as the one layer they stand for.
-        self.img_in_stoch, self.img_in_action = _split_linear((latent, action_dim), units)
+        stoch_in, self.img_in_action = _split_linear((latent, action_dim), units)
+        # The latent's share, as rows (latent, units): a one-hot latent sums them, untransposed.
+        self.img_in_rows = nn.Parameter(stoch_in.weight.detach().t().contiguous())
         self.img_in_norm = nn.LayerNorm(units, eps=LN_EPS)
         self.gru_x, self.gru_h = _split_linear((units, deter), 3 * deter)
         self.gru_norm = nn.LayerNorm(3 * deter, eps=LN_EPS)
@@ -50,9 +52,11 @@ class RSSM(SequenceModel):
         self.init_deter = nn.Parameter(torch.zeros(deter))  # learned initial state, tanh'd
 
     # ---- pieces ----------------------------------------------------------------------------
-    def _gru_step(self, deter: Tensor, stoch: Tensor, action: Tensor) -> Tensor:
+    def _gru_step(self, deter: Tensor, stoch: Tensor, action: Tensor,
+                  index: Tensor | None = None) -> Tensor:  # fmt: skip
         # addmm_ into fresh outputs: an out-of-place addmm would copy them first.
-        x = onehot_matmul(stoch, onehot_index(stoch, self.stoch), self.img_in_stoch.weight)
+        index = onehot_index(stoch, self.stoch) if index is None else index
+        x = onehot_rows(stoch, index, self.img_in_rows)
         x = F.silu(self.img_in_norm(x.addmm_(action, self.img_in_action.weight.t())))
         gates = self.gru_norm(self.gru_x(x).addmm_(deter, self.gru_h.weight.t()))
         reset, cand, update = gates.chunk(3, -1)
@@ -60,30 +64,30 @@ class RSSM(SequenceModel):
         update = torch.sigmoid(update - 1.0)
         return deter + update * (cand - deter)
 
-    def _prior(self, deter: Tensor, sample: bool = True) -> tuple[Tensor, Tensor]:
+    def _prior(self, deter: Tensor, sample: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         return self._latent(self.prior_logits(self.img_out(deter)), sample)
 
     def _post(self, deter: Tensor, embed_part: Tensor, sample: bool = True
-              ) -> tuple[Tensor, Tensor]:  # fmt: skip
+              ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         x = F.silu(self.obs_norm(self.obs_deter(deter) + embed_part))
         return self._latent(self.post_logits(x), sample)
 
     # ---- the interface ---------------------------------------------------------------------
     def initial(self, batch_size: int) -> State:
         deter = torch.tanh(self.init_deter).expand(batch_size, -1)
-        stoch, logp = self._prior(deter, sample=False)
+        stoch, logp, _ = self._prior(deter, sample=False)
         return {"deter": deter, "stoch": stoch, "logits": logp}
 
     def obs_step(self, state: State, action: Tensor, embed: Tensor,
                  sample: bool = True) -> State:  # fmt: skip
         deter = self._gru_step(state["deter"], state["stoch"], action)
-        stoch, logp = self._post(deter, self.obs_embed(embed), sample)
+        stoch, logp, _ = self._post(deter, self.obs_embed(embed), sample)
         return {"deter": deter, "stoch": stoch, "logits": logp}
 
     def imagine_step(self, state: State, action: Tensor, sample: bool = True) -> State:
-        deter = self._gru_step(state["deter"], state["stoch"], action)
-        stoch, logp = self._prior(deter, sample)
-        return {"deter": deter, "stoch": stoch, "logits": logp}
+        deter = self._gru_step(state["deter"], state["stoch"], action, state.get("index"))
+        stoch, logp, index = self._prior(deter, sample)
+        return {"deter": deter, "stoch": stoch, "logits": logp, "index": index}
 
     def observe(self, embed: Tensor, action: Tensor, is_first: Tensor,
                 state: State | None = None) -> tuple[State, State, Tensor]:  # fmt: skip
@@ -94,20 +98,21 @@ class RSSM(SequenceModel):
         keep = 1.0 - is_first
         action = action * keep  # no action leads to an episode's first observation
         embed_part = self.obs_embed(embed)
-        deters, stochs, logps = [], [], []
+        deters, stochs, logps, indices = [], [], [], []
         for t in range(steps):
             # Reset to the initial state where an episode starts (arithmetic, not a branch:
             # no host sync, and the initial state keeps its gradient).
             deter = deter * keep[t] + init["deter"] * is_first[t]
             stoch = stoch * keep[t] + init["stoch"] * is_first[t]
             deter = self._gru_step(deter, stoch, action[t])
-            stoch, logp = self._post(deter, embed_part[t])
+            stoch, logp, index = self._post(deter, embed_part[t])
             deters.append(deter)
             stochs.append(stoch)
             logps.append(logp)
+            indices.append(index)
         post = {"deter": torch.stack(deters), "stoch": torch.stack(stochs),
-                "logits": torch.stack(logps)}  # fmt: skip
-        prior_stoch, prior_logp = self._prior(post["deter"], sample=False)  # only logits used
+                "logits": torch.stack(logps), "index": torch.stack(indices)}  # fmt: skip
+        prior_stoch, prior_logp, _ = self._prior(post["deter"], sample=False)  # only logits used
         prior = {"deter": post["deter"], "stoch": prior_stoch, "logits": prior_logp}
         return post, prior, self.feat(post)
 

@@ -28,10 +28,13 @@ class SequenceModel(nn.Module):
       where ``is_first`` is 1 the state and the previous action are reset first;
     - ``obs_step(state, action, embed, sample)``: one step of ``observe`` (acting);
     - ``imagine_step(state, action, sample)``: the prior's next state, without an observation;
-      the state's latent must be one-hot (a sample or a mode: see ``networks.onehot_matmul``);
+      the state's latent must be one-hot (a sample or a mode: see ``networks.onehot_matmul``).
+      The state it returns also holds ``index``, the columns of the latent's 1s, so that the
+      next step and the heads read the latent without an argmax;
     - ``imagine_start(post)``: every posterior state of a (T, B) batch as (T*B) start states.
-    - ``decoder_feat(state)`` (``decoder_dim`` wide): what the decoder sees; by default the
-      same as ``feat`` (DreamerV3). The transformer's decoder sees the latent only.
+    - ``decoder_feat(state)`` (``decoder_dim`` wide, a ``OneHotFeat``): what the decoder
+      sees; by default the same as ``feat`` (DreamerV3). The transformer's decoder sees the
+      latent only.
 
     A state may also hold non-tensor entries (the transformer's ring-buffer slot, an int);
     callers that copy states copy tensors and keep the rest.
@@ -47,19 +50,26 @@ class SequenceModel(nn.Module):
         """Uniform noise for one draw of every latent (the model's only randomness)."""
         return torch.rand(*logp.shape[:-1], 1, device=logp.device, dtype=logp.dtype)
 
-    def _latent(self, logits: Tensor, sample: bool) -> tuple[Tensor, Tensor]:
+    def _latent(self, logits: Tensor, sample: bool) -> tuple[Tensor, Tensor, Tensor]:
         """(one-hot latents (..., stoch * classes), their log-probabilities (..., stoch,
-        classes)) from logits, sampled (straight-through) or the mode."""
+        classes), the flat columns of their 1s (..., stoch)) from logits, sampled
+        (straight-through) or the mode. The columns spare the next layer an argmax."""
         logp = unimix_logits(logits.unflatten(-1, (self.stoch, self.classes)), self.unimix)
-        z = onehot_sample(logp, self._noise(logp)) if sample else onehot_mode(logp)
-        return z.flatten(-2), logp
+        if sample:
+            cls = sample_classes(logp, self._noise(logp))
+            z = straight_through_onehot(cls, logp)
+        else:
+            cls = logp.argmax(-1)
+            z = F.one_hot(cls, self.classes).to(logp.dtype)
+        offsets = torch.arange(0, self.stoch * self.classes, self.classes, device=cls.device)
+        return z.flatten(-2), logp, cls + offsets
 
     @property
     def decoder_dim(self) -> int:
         return self.feat_dim
 
-    def decoder_feat(self, state: State) -> Tensor:
-        return self.feat(state)
+    def decoder_feat(self, state: State) -> OneHotFeat:
+        return self.onehot_feat(state)
 
     def initial(self, batch_size: int) -> State:
         raise NotImplementedError
@@ -80,7 +90,7 @@ class SequenceModel(nn.Module):
 
     def onehot_feat(self, state: State) -> OneHotFeat:
         """``feat(state)`` in its two parts (the latent is one-hot): cheaper first layers."""
-        return OneHotFeat(state["deter"], state["stoch"], onehot_index(state["stoch"], self.stoch))
+        return OneHotFeat(state["deter"], state["stoch"], latent_index(state, self.stoch))
 
     def imagine_start(self, post: State) -> State:
         return {k: v.detach().flatten(0, 1) for k, v in post.items()}
@@ -95,19 +105,37 @@ def unimix_logits(logits: Tensor, unimix: float) -> Tensor:
     return probs.log()
 
 
-def onehot_sample(logp: Tensor, noise: Tensor) -> Tensor:
-    """One-hot samples of categoricals ``logp`` (..., C) by inverse CDF from uniform ``noise``
-    (..., 1), with straight-through gradients (one-hot forward, the probabilities' backward)."""
-    probs = logp.exp()
-    idx = (probs.cumsum(-1) < noise).sum(-1, keepdim=True).clamp_max(logp.shape[-1] - 1)
-    hard = torch.zeros_like(probs).scatter_(-1, idx, 1.0)
-    if probs.requires_grad:
+def sample_classes(logp: Tensor, noise: Tensor) -> Tensor:
+    """Samples (...) of categoricals ``logp`` (..., C) by inverse CDF from uniform ``noise``
+    (..., 1)."""
+    below = logp.exp().cumsum(-1) < noise
+    return below.sum(-1).clamp_max(logp.shape[-1] - 1)
+
+
+def straight_through_onehot(cls: Tensor, logp: Tensor) -> Tensor:
+    """One-hot ``cls`` (..., C) with the probabilities' gradient (straight-through)."""
+    hard = torch.zeros_like(logp).scatter_(-1, cls[..., None], 1.0)
+    if logp.requires_grad:
+        probs = logp.exp()
         hard = hard + (probs - probs.detach())
     return hard
 
 
+def onehot_sample(logp: Tensor, noise: Tensor) -> Tensor:
+    """One-hot samples of categoricals ``logp`` (..., C) by inverse CDF from uniform ``noise``
+    (..., 1), with straight-through gradients (one-hot forward, the probabilities' backward)."""
+    return straight_through_onehot(sample_classes(logp, noise), logp)
+
+
 def onehot_mode(logp: Tensor) -> Tensor:
     return F.one_hot(logp.argmax(-1), logp.shape[-1]).to(logp.dtype)
+
+
+def latent_index(state: State, groups: int) -> Tensor:
+    """The flat columns (..., groups) of the 1s of ``state["stoch"]``: kept by the state that
+    sampled them (imagination), found by argmax otherwise."""
+    index = state.get("index")
+    return onehot_index(state["stoch"], groups) if index is None else index
 
 
 def kl_terms(post: Tensor, prior: Tensor, free_bits: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -40,11 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flatworld.agents.dreamer.networks import LN_EPS, init_, mlp, onehot_index, onehot_matmul
+from flatworld.agents.dreamer.networks import LN_EPS, OneHotFeat, init_, mlp, onehot_rows
 from flatworld.agents.dreamer.rssm import _split_linear
 from flatworld.agents.dreamer.sequence import (
     SequenceModel,
     State,
+    latent_index,
 )
 
 
@@ -84,7 +85,9 @@ class TSSM(SequenceModel):
         self.stoch, self.classes, self.unimix, self.action_dim = stoch, classes, unimix, action_dim
         latent = stoch * classes
         self.feat_dim = width + latent
-        self.tok_stoch, self.tok_action = _split_linear((latent, action_dim), width)
+        stoch_in, self.tok_action = _split_linear((latent, action_dim), width)
+        # The latent's share, as rows (latent, width): a one-hot latent sums them, untransposed.
+        self.tok_rows = nn.Parameter(stoch_in.weight.detach().t().contiguous())
         # A random (not zero) bias before the norm: the episode-start token Dense([0, 0]) would
         # otherwise be a constant vector, whose LayerNorms (one per sublayer, eps 1e-3) each
         # scale its gradient by 1/sqrt(eps) ~ 32.
@@ -99,15 +102,16 @@ class TSSM(SequenceModel):
         self.register_buffer("ring_dist", (ar[:, None] - ar[None]) % context, persistent=False)
 
     # ---- pieces ----------------------------------------------------------------------------
-    def token(self, prev_stoch: Tensor, action: Tensor, onehot: bool = False) -> Tensor:
-        """The token Dense([z_{t-1}, a_{t-1}]), (..., W). ``onehot``: z is a sample (one-hot
-        in every group, never the all-zero latent of an episode start), read by row sums."""
+    def token(self, prev_stoch: Tensor, action: Tensor, index: Tensor | None = None) -> Tensor:
+        """The token Dense([z_{t-1}, a_{t-1}]), (..., W). Given ``index``, the columns of the
+        1s of z, z is a sample (one-hot in every group, never the all-zero latent of an episode
+        start), read by row sums."""
         lead = prev_stoch.shape[:-1]
         z = prev_stoch.reshape(-1, prev_stoch.shape[-1])
-        if onehot:
-            x = onehot_matmul(z, onehot_index(z, self.stoch), self.tok_stoch.weight)
+        if index is not None:
+            x = onehot_rows(z, index.reshape(-1, index.shape[-1]), self.tok_rows)
         else:
-            x = z @ self.tok_stoch.weight.t()
+            x = z @ self.tok_rows
         x = x.addmm_(action.reshape(-1, action.shape[-1]), self.tok_action.weight.t())
         return F.silu(self.tok_norm(x.add_(self.tok_bias))).reshape(*lead, self.width)
 
@@ -195,34 +199,37 @@ class TSSM(SequenceModel):
     def decoder_dim(self) -> int:
         return self.stoch * self.classes
 
-    def decoder_feat(self, state: State) -> Tensor:  # the decoder sees z only, as published
-        return state["stoch"]
+    def decoder_feat(self, state: State) -> OneHotFeat:  # the decoder sees z only, as published
+        z = state["stoch"]
+        return OneHotFeat(z[..., :0], z, latent_index(state, self.stoch))
 
     def obs_step(self, state: State, action: Tensor, embed: Tensor,
                  sample: bool = True) -> State:  # fmt: skip
         h, cache = self._step(state, self.token(state["stoch"], action))
-        stoch, logp = self._latent(self.post_net(embed), sample)
+        stoch, logp, _ = self._latent(self.post_net(embed), sample)
         return {"deter": h, "stoch": stoch, "logits": logp, **cache}
 
     def imagine_step(self, state: State, action: Tensor, sample: bool = True) -> State:
         # Imagination starts from posterior samples: every latent it reads is one-hot.
-        h, cache = self._step(state, self.token(state["stoch"], action, onehot=True))
-        stoch, logp = self._latent(self.prior_net(h), sample)
-        return {"deter": h, "stoch": stoch, "logits": logp, **cache}
+        index = latent_index(state, self.stoch)
+        h, cache = self._step(state, self.token(state["stoch"], action, index))
+        stoch, logp, index = self._latent(self.prior_net(h), sample)
+        return {"deter": h, "stoch": stoch, "logits": logp, "index": index, **cache}
 
     def observe(self, embed: Tensor, action: Tensor, is_first: Tensor,
                 state: State | None = None) -> tuple[State, State, Tensor]:  # fmt: skip
         """All T steps at once. ``state`` gives only the latent before the first token (its
         cache is not attended to: replayed sequences start an episode at t = 0)."""
-        stoch, logp = self._latent(self.post_net(embed), True)
+        stoch, logp, index = self._latent(self.post_net(embed), True)
         prev0 = torch.zeros_like(stoch[:1]) if state is None else state["stoch"][None]
         start = is_first[..., 0] > 0
         keep = (~start)[..., None].to(stoch.dtype)
         prev = torch.cat([prev0, stoch[:-1]]) * keep
         tokens = self.token(prev, action * keep)
         h, k, v = self.forward_tokens(tokens, start, dropout=self.training)
-        prior_stoch, prior_logp = self._latent(self.prior_net(h), False)  # only logits used
-        post = {"deter": h, "stoch": stoch, "logits": logp, "k": k, "v": v, "start": start}
+        prior_stoch, prior_logp, _ = self._latent(self.prior_net(h), False)  # only logits used
+        post = {"deter": h, "stoch": stoch, "logits": logp, "index": index, "k": k, "v": v,
+                "start": start}  # fmt: skip
         prior = {"deter": h, "stoch": prior_stoch, "logits": prior_logp}
         return post, prior, self.feat(post)
 
@@ -248,7 +255,7 @@ class TSSM(SequenceModel):
             return out.flatten(1, 2)
 
         valid = windows(episode, -1) == episode[..., None]  # (T, B, ctx), slot ctx-1 is t
-        out = {k: post[k].detach().flatten(0, 1) for k in ("deter", "stoch", "logits")}
+        out = {k: post[k].detach().flatten(0, 1) for k in ("deter", "stoch", "logits", "index")}
         return {**out, "k": cache(post["k"]), "v": cache(post["v"]),
                 "valid": valid.flatten(0, 1), "slot": ctx - 1}  # fmt: skip
 

@@ -95,8 +95,9 @@ class WorldModel(nn.Module):
                                              data["is_first"])  # fmt: skip
         dec = self.decoder(self.seq.decoder_feat(post))  # the sequence model says what it sees
         rec = recon_loss(dec, data["obs"], len(self.obs_shape))  # (T, B)
-        rew = soft_cross_entropy(self.reward(feat), data["reward_probs"]).squeeze(-1)
-        cont = F.binary_cross_entropy_with_logits(self.cont(feat), data["cont"],
+        heads = self.seq.onehot_feat(post)  # the same feat, read by row sums
+        rew = soft_cross_entropy(feed(self.reward, heads), data["reward_probs"]).squeeze(-1)
+        cont = F.binary_cross_entropy_with_logits(feed(self.cont, heads), data["cont"],
                                                   reduction="none").squeeze(-1)  # fmt: skip
         dyn, rep, kl = kl_terms(post["logits"], prior["logits"], cfg.free_bits)
         per_step = (cfg.decoder_scale * rec + cfg.reward_scale * rew + cfg.cont_scale * cont
