@@ -81,6 +81,31 @@ def test_replay_keeps_pixels_uint8():
     assert obs.dtype == torch.float32 and obs[0].eq(255).all() and obs[1].eq(7).all()
 
 
+@pytest.mark.parametrize("pixels", [False, True])
+def test_replay_samples_into_an_earlier_batch(pixels):
+    """``out=``: the same values as a fresh batch from the same generator state, written into
+    the tensors of the batch passed (the loop allocates its batch once); wrong shapes fail."""
+    shape, dtype = ((3, 2, 2), np.uint8) if pixels else ((2,), np.float32)
+    buf = ReplayBuffer(40, shape, 1, obs_dtype=dtype, seed=3)
+    for ep, n in enumerate([9, 12]):
+        buf.start_episode(np.full(shape, ep, dtype))
+        for t in range(1, n + 1):
+            buf.add(np.full(shape, 10 * ep + t, dtype), np.full(1, t, np.float32), t, t == n)
+    for sample, size in ((buf.sample, 3), (buf.sample_sequences, 5)):
+        reuse = sample(4, size)
+        ptrs = {k: v.data_ptr() for k, v in reuse.items()}
+        state = buf.generator.get_state()
+        fresh = sample(4, size)
+        buf.generator.set_state(state)
+        got = sample(4, size, out=reuse)
+        assert got is reuse and {k: v.data_ptr() for k, v in got.items()} == ptrs
+        assert got.keys() == fresh.keys()
+        for k in fresh:
+            assert got[k].dtype == torch.float32 and torch.equal(got[k], fresh[k]), k
+        with pytest.raises(ValueError, match=r"out\['obs'\] has shape"):
+            sample(2, size, out=reuse)
+
+
 def test_replay_errors():
     buf = ReplayBuffer(20, (2,), 1)
     fill(buf, [2, 2])

@@ -299,6 +299,7 @@ class _Loop:
         )
         self.action_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _ACTIONS))
         self.diag_batch: dict[str, torch.Tensor] | None = None
+        self._batch: dict[str, torch.Tensor] | None = None  # refilled by every update
         self.step = 0  # agent steps taken
         self.episode = 0  # episodes finished
         self.updates = 0
@@ -478,7 +479,8 @@ class _Loop:
             # Sampled once, from its own stream, so it does not shift the training samples.
             gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, _DIAG))
             self.diag_batch = self._sample(generator=gen)
-        batch = self._sample(device=self.cfg.device)
+        # Sampled into the previous update's batch: the loop allocates its batch once.
+        batch = self._batch = self._sample(device=self.cfg.device, out=self._batch)
         # Metrics may be tensors: summed where they live and read back only when a row is
         # written, so an update never waits for the device.
         for k, v in agent.update(batch).items():

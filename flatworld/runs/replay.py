@@ -57,6 +57,7 @@ class ReplayBuffer:
         self.episode_rows = 0  # rows of the current episode
         self.longest = 0  # most rows any episode has had
         self.generator = torch.Generator().manual_seed(seed)
+        self._scratch: dict[tuple[str, int], Tensor] = {}  # see _gather
 
     def __len__(self) -> int:
         return self.size
@@ -127,21 +128,18 @@ class ReplayBuffer:
         horizon: int,
         device: str | torch.device = "cpu",
         generator: torch.Generator | None = None,
+        out: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """A batch in TD-MPC2's layout: obs (H+1, B, *obs), action (H, B, A), reward and
         terminated (H, B, 1), all float32 on `device`. Uses the buffer's own generator unless
-        another is given (the held-out diagnostics batch uses a separate one)."""
+        another is given (the held-out diagnostics batch uses a separate one). ``out``, a batch
+        an earlier call returned, is filled in place and returned (see :meth:`_gather`)."""
         _need_counts(batch_size=batch_size, horizon=horizon)
         starts = self._starts(batch_size, horizon, generator or self.generator)
         idx = (starts[None, :] + torch.arange(horizon + 1)[:, None]) % self.capacity
         nxt = idx[1:]
-        batch = {
-            "obs": self.obs[idx].float(),
-            "action": self.action[nxt],
-            "reward": self.reward[nxt].unsqueeze(-1),
-            "terminated": self.terminated[nxt].float().unsqueeze(-1),
-        }
-        return {k: v.to(device) for k, v in batch.items()}
+        return self._gather({"obs": idx, "action": nxt, "reward": nxt, "terminated": nxt},
+                            device, out)  # fmt: skip
 
     def can_sample_sequences(self, length: int) -> bool:
         return self.size >= length
@@ -152,10 +150,12 @@ class ReplayBuffer:
         length: int,
         device: str | torch.device = "cpu",
         generator: torch.Generator | None = None,
+        out: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Windows of `length` consecutive rows, uniform over the rows held, that may cross
         episodes: obs (L, B, *obs), action (L, B, A) (the action that led to each obs; zeros
-        on an episode's first row), reward, terminated and is_first (L, B, 1), float32."""
+        on an episode's first row), reward, terminated and is_first (L, B, 1), float32. ``out``
+        as in :meth:`sample`."""
         _need_counts(batch_size=batch_size, length=length)
         if self.size < length:
             raise ValueError(f"length={length}: the buffer holds {self.size} rows")
@@ -163,14 +163,50 @@ class ReplayBuffer:
         k = torch.randint(0, self.size - length + 1, (batch_size,),
                           generator=generator or self.generator)  # fmt: skip
         idx = (oldest + k[None, :] + torch.arange(length)[:, None]) % self.capacity
-        batch = {
-            "obs": self.obs[idx].float(),
-            "action": self.action[idx],
-            "reward": self.reward[idx].unsqueeze(-1),
-            "terminated": self.terminated[idx].float().unsqueeze(-1),
-            "is_first": self.first[idx].float().unsqueeze(-1),
-        }
-        return {k: v.to(device) for k, v in batch.items()}
+        return self._gather({"obs": idx, "action": idx, "reward": idx, "terminated": idx,
+                             "is_first": idx}, device, out)  # fmt: skip
+
+    def _gather(self, rows: dict[str, Tensor], device: str | torch.device,
+                out: dict[str, Tensor] | None) -> dict[str, Tensor]:  # fmt: skip
+        """Each field at the rows ``rows[name]`` (L, B), as float32 (L, B, *field) on
+        ``device``; reward, terminated and is_first get a trailing dim of 1.
+
+        With ``out`` (a batch an earlier call returned, of the same shapes), the rows are
+        gathered straight into its tensors, so a training loop allocates its batch once. On the
+        CPU a float32 field goes in with no intermediate copy; a uint8 or bool field passes
+        through a scratch tensor of its own dtype, also kept."""
+        if out is None:
+            batch = {}
+            for name, idx in rows.items():
+                v = self._field(name)[idx]
+                batch[name] = (v.float() if v.dtype != torch.float32 else v).reshape(
+                    *idx.shape, *self._item_shape(name))  # fmt: skip
+            return {k: v.to(device) for k, v in batch.items()}
+        for name, idx in rows.items():
+            field, target = self._field(name), out.get(name)
+            shape = (*idx.shape, *self._item_shape(name))
+            if target is None or tuple(target.shape) != shape:
+                got = None if target is None else tuple(target.shape)
+                raise ValueError(f"out[{name!r}] has shape {got}; expected {shape} (pass a "
+                                 f"batch that an earlier call with the same sizes returned)")
+            flat = idx.reshape(-1)
+            if field.dtype == target.dtype and target.device.type == "cpu":
+                torch.index_select(field, 0, flat, out=target.view(-1, *field.shape[1:]))
+                continue
+            key = (name, flat.numel())
+            scratch = self._scratch.get(key)
+            if scratch is None:
+                scratch = self._scratch[key] = field.new_empty(flat.numel(), *field.shape[1:])
+            torch.index_select(field, 0, flat, out=scratch)
+            target.copy_(scratch.view(shape))
+        return out
+
+    def _field(self, name: str) -> Tensor:
+        return self.first if name == "is_first" else getattr(self, name)
+
+    def _item_shape(self, name: str) -> tuple[int, ...]:
+        """A batch's trailing dims for one row of a field."""
+        return {"obs": self.obs_shape, "action": (self.action_dim,)}.get(name, (1,))
 
     # Incremental persistence: rows by absolute number, plus the small counters.
     def rows(self, start: int, stop: int) -> dict[str, Tensor]:
