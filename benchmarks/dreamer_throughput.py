@@ -5,7 +5,8 @@ key/value cache), with FLOPs and the fraction of a measured fp32 matmul peak.
 Prints one JSON object. Settings default to Atari-100k's: 3x64x64 pixels, 6 discrete actions,
 batch 16 x 64, horizon 15, 2 threads, the environment excluded; model size S. FLOPs are counted
 by FlopCounterMode (matmuls and convs); ``frac_peak`` = FLOP/s over the peak fp32 matmul FLOP/s
-measured in the same process.
+measured in the same process. Adam and SAM steps take turns, and ``sam_over_adam_wm_step`` is
+the median of the paired ratios, so that it compares one stretch of this shared machine's speed.
 
     python benchmarks/dreamer_throughput.py                        # both, a few repeats
     python benchmarks/dreamer_throughput.py --sequence-model transformer --repeats 5
@@ -56,19 +57,28 @@ def peak_matmul(device: torch.device, seconds: float) -> float:
     return peak_matmul_flops(device, shapes, seconds, rounds=2)
 
 
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median wall seconds per call over ``repeats`` calls, after two warm-up calls (the
-    heap settles over the first steps: see flatworld.runs.memory)."""
-    fn()
-    fn()
-    out = []
+def timed_together(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Wall seconds of each call, ``repeats`` rounds of one call of every function in turn,
+    after two warm-up rounds (the heap settles over the first steps: see
+    flatworld.runs.memory). Taking turns puts every function in the same stretch of this
+    shared machine's speed, so ratios between them are fair."""
+    for _ in range(2):
+        for fn in fns.values():
+            fn()
+    out: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            out[name].append(time.perf_counter() - t)
+    return out
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median wall seconds per call (see :func:`timed_together`)."""
+    return statistics.median(timed_together({"fn": fn}, repeats, device)["fn"])
 
 
 def make_batch(steps: int, batch: int, actions: int, obs_shape, device) -> dict[str, torch.Tensor]:
@@ -98,25 +108,35 @@ def bench(seq_model: str, device: torch.device, args: argparse.Namespace, peak: 
         return make(cfg, obs_shape=(3, 64, 64), action_dim=args.actions, episode_length=27000,
                     device=device, discrete=True)  # fmt: skip
 
-    def rate(name: str, fn, per_call: float = 1.0) -> None:
-        sec = timed(fn, args.repeats, device)
+    def record(name: str, fn, sec: float, per_call: float = 1.0) -> None:
         fl = flops_of(fn)
         res[name] = {"ms": 1e3 * sec, "per_s": per_call / sec, "gflop": fl / 1e9,
                      "gflop_per_s": fl / sec / 1e9, "frac_peak": fl / sec / peak}  # fmt: skip
 
-    for opt, sam in (("adam", None), ("sam", optim.SamSpec(rho=0.1))):
-        agent = agent_for(sam)
-        rate(f"update_{opt}", lambda a=agent: a.update(b))
-        # The world-model step alone: the same update with the actor-critic step left out.
-        agent.train_actor_critic = lambda start, cont0: {}
-        rate(f"wm_step_{opt}", lambda a=agent: a.update(b))
-        if opt == "adam":
-            wm = agent.world_model
-            res["params_m"] = {
-                "world_model": sum(p.numel() for p in wm.parameters()) / 1e6,
-                "cpc_heads": (sum(p.numel() for p in wm.cpc.parameters()) / 1e6
-                              if getattr(wm, "cpc", None) is not None else 0.0),
-                "actor_critic": sum(p.numel() for p in agent.ac.parameters()) / 1e6}  # fmt: skip
+    def rate(name: str, fn, per_call: float = 1.0) -> None:
+        record(name, fn, timed(fn, args.repeats, device), per_call)
+
+    # Adam and SAM take turns, so that SAM/Adam compares the same stretch of machine speed.
+    agents = {opt: agent_for(sam) for opt, sam in (("adam", None),
+                                                    ("sam", optim.SamSpec(rho=0.1)))}
+    for part in ("update", "wm_step"):
+        if part == "wm_step":  # the same update with the actor-critic step left out
+            for agent in agents.values():
+                agent.train_actor_critic = lambda start, cont0: {}
+        fns = {f"{part}_{opt}": (lambda a=agent: a.update(b)) for opt, agent in agents.items()}
+        secs = timed_together(fns, args.repeats, device)
+        for name, fn in fns.items():
+            record(name, fn, statistics.median(secs[name]))
+        if part == "wm_step":
+            res["sam_over_adam_wm_step"] = statistics.median(
+                s / a for s, a in zip(secs["wm_step_sam"], secs["wm_step_adam"], strict=True))
+    wm = agents["adam"].world_model
+    res["params_m"] = {
+        "world_model": sum(p.numel() for p in wm.parameters()) / 1e6,
+        "cpc_heads": (sum(p.numel() for p in wm.cpc.parameters()) / 1e6
+                      if getattr(wm, "cpc", None) is not None else 0.0),
+        "actor_critic": sum(p.numel() for p in agents["adam"].ac.parameters()) / 1e6}  # fmt: skip
+    del agents
     agent = agent_for(None)
     data = agent.prepare(b)
     with torch.no_grad():
@@ -155,7 +175,6 @@ def bench(seq_model: str, device: torch.device, args: argparse.Namespace, peak: 
         rate("imagine_recompute_window", recompute, per_call=args.horizon * n)
         res["cached_over_recompute_speed"] = (res["imagine_cached"]["per_s"]
                                               / res["imagine_recompute_window"]["per_s"])
-    res["sam_over_adam_wm_step"] = res["wm_step_sam"]["ms"] / res["wm_step_adam"]["ms"]
     res["reference_published"] = REFERENCE_PUBLISHED[seq_model]
     return res
 
