@@ -172,7 +172,7 @@ class TSSM(SequenceModel):
                 vb = torch.where(here, v[:, :, None], vals[i])
                 new_k.append(kb)
                 new_v.append(vb)
-            scores = (kb @ (q * hd**-0.5)[..., None]).squeeze(-1)  # (N, H, ctx)
+            scores = ((q * hd**-0.5)[:, :, None] @ kb.transpose(-1, -2)).squeeze(-2)  # (N, H, ctx)
             attn = torch.softmax(scores + self.rel_bias[i][:, dist] + neg, -1)
             o = (attn[:, :, None] @ vb).reshape(n, self.width)
             x = block.norm1(x + block.proj(o))
