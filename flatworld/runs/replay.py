@@ -175,16 +175,12 @@ class ReplayBuffer:
         gathered straight into its tensors, so a training loop allocates its batch once. On the
         CPU a float32 field goes in with no intermediate copy; a uint8 or bool field passes
         through a scratch tensor of its own dtype, also kept."""
+        shapes = {name: (*idx.shape, *self._item_shape(name)) for name, idx in rows.items()}
         if out is None:
-            batch = {}
-            for name, idx in rows.items():
-                v = self._field(name)[idx]
-                batch[name] = (v.float() if v.dtype != torch.float32 else v).reshape(
-                    *idx.shape, *self._item_shape(name))  # fmt: skip
-            return {k: v.to(device) for k, v in batch.items()}
+            out = {name: torch.empty(shape, dtype=torch.float32, device=device)
+                   for name, shape in shapes.items()}
         for name, idx in rows.items():
-            field, target = self._field(name), out.get(name)
-            shape = (*idx.shape, *self._item_shape(name))
+            field, target, shape = self._field(name), out.get(name), shapes[name]
             if target is None or tuple(target.shape) != shape:
                 got = None if target is None else tuple(target.shape)
                 raise ValueError(f"out[{name!r}] has shape {got}; expected {shape} (pass a "
