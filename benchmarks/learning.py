@@ -63,6 +63,7 @@ def agent_config(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
         )
     for flag, key, agents in (
         ("--train-ratio", "train_ratio", ("dreamer", "twister")),
+        ("--seq-len", "seq_len", ("dreamer", "twister")),
         ("--tssm-width", "tssm_width", ("twister",)),
     ):
         value = getattr(args, key)
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         "--train-ratio",
         type=int,
         help="dreamer/twister: replayed steps per agent step (default 1024)",
+    )
+    ap.add_argument(
+        "--seq-len", type=int, help="dreamer/twister: replayed sequence length (default 64)"
     )
     ap.add_argument("--tssm-width", type=int, help="twister: the transformer's width (512)")
     ap.add_argument("--seed-steps", type=int, help="random-action steps (default: the agent's)")
@@ -153,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.agent != "tdmpc2":
         out["train_ratio"] = agent_cfg.train_ratio
+        out["seq_len"] = agent_cfg.seq_len
     for label, runs in load_runs(dirs).items():
         out[label] = res = {
             "seed": [r["seed"] for r in runs],
