@@ -6,7 +6,6 @@ return is found in a metrics table."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +17,10 @@ from flatworld.experiments import report
 from flatworld.experiments.report import published_curve
 from flatworld.runs.logger import read_metrics
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "learning.py"
-
 
 @pytest.fixture(scope="module")
-def learning():
-    spec = importlib.util.spec_from_file_location("learning_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def learning(load_benchmark):
+    return load_benchmark("learning")
 
 
 def test_published_dreamerv3_curve_is_the_shipped_one():

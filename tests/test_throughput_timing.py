@@ -3,29 +3,11 @@ same warm-up, so that a ratio between them (SAM/Adam) sees one stretch of machin
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-BENCH = Path(__file__).parents[1] / "benchmarks"
 
-
-def load_throughput():
-    sys.path.insert(0, str(BENCH))  # the script imports its sibling `common`
-    try:
-        spec = importlib.util.spec_from_file_location("dreamer_throughput",
-                                                      BENCH / "dreamer_throughput.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
-
-
-def test_compared_functions_take_turns_after_two_warm_up_rounds():
-    bench = load_throughput()
+def test_compared_functions_take_turns_after_two_warm_up_rounds(load_benchmark):
+    bench = load_benchmark("dreamer_throughput")
     calls: list[str] = []
     fns = {name: (lambda n=name: calls.append(n)) for name in ("adam", "sam")}
     secs = bench.timed_together(fns, repeats=3, device=torch.device("cpu"))
