@@ -65,6 +65,7 @@ def agent_config(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
         ("--train-ratio", "train_ratio", ("dreamer", "twister")),
         ("--seq-len", "seq_len", ("dreamer", "twister")),
         ("--tssm-width", "tssm_width", ("twister",)),
+        ("--tssm-dropout", "tssm_dropout", ("twister",)),
     ):
         value = getattr(args, key)
         if value is not None and args.agent not in agents:
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
         "--seq-len", type=int, help="dreamer/twister: replayed sequence length (default 64)"
     )
     ap.add_argument("--tssm-width", type=int, help="twister: the transformer's width (512)")
+    ap.add_argument(
+        "--tssm-dropout", type=float, help="twister: the transformer's dropout (0.1)"
+    )
     ap.add_argument("--seed-steps", type=int, help="random-action steps (default: the agent's)")
     ap.add_argument(
         "--target-return", type=float, help="report the first evaluation at or above this return"
@@ -158,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.agent != "tdmpc2":
         out["train_ratio"] = agent_cfg.train_ratio
         out["seq_len"] = agent_cfg.seq_len
+    if args.agent == "twister":
+        out["tssm_width"], out["tssm_dropout"] = agent_cfg.tssm_width, agent_cfg.tssm_dropout
     for label, runs in load_runs(dirs).items():
         out[label] = res = {
             "seed": [r["seed"] for r in runs],

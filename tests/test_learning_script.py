@@ -96,13 +96,15 @@ def test_overrides_reach_the_agent_config_and_bad_ones_are_usage_errors(
     try:
         with pytest.raises(KeyboardInterrupt):
             learning.main(["--agent", "twister", "--model-size", "xs", "--train-ratio", "512",
-                           "--tssm-width", "256", "--seq-len", "32", "--seed-steps", "100", "--env",
+                           "--tssm-width", "256", "--tssm-dropout", "0", "--seq-len", "32",
+                           "--seed-steps", "100", "--env",
                            "gym/CartPole-v1", "--out", str(tmp_path)])  # fmt: skip
     finally:
         learning.torch.set_num_threads(threads)  # main() sets its own in this process
     cfg = seen["cfg"]
     assert seen["agent"] == "twister" and isinstance(cfg, TwisterConfig)
     assert (cfg.model_size, cfg.train_ratio, cfg.tssm_width, cfg.seq_len) == ("XS", 512, 256, 32)
+    assert cfg.tssm_dropout == 0.0
     assert cfg.sequence_model == "transformer" and seen["run"].seed_steps == 100
     assert seen["threads"] == 2
     for argv, message in (
@@ -111,6 +113,10 @@ def test_overrides_reach_the_agent_config_and_bad_ones_are_usage_errors(
         (["--train-ratio", "512"], "--train-ratio applies to --agent dreamer or twister"),
         (["--agent", "dreamer", "--tssm-width", "256"], "--tssm-width applies to --agent twister"),
         (["--seq-len", "32"], "--seq-len applies to --agent dreamer or twister"),
+        (["--agent", "dreamer", "--tssm-dropout", "0"],
+         "--tssm-dropout applies to --agent twister"),
+        (["--agent", "twister", "--tssm-dropout", "1"],
+         "tssm_dropout=1.0; accepted: 0 <= dropout < 1"),
         (["--agent", "dreamer", "--seq-len", "1"], "seq_len=1; accepted: an int >= 2"),
     ):
         with pytest.raises(SystemExit) as exit_info:
