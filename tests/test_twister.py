@@ -419,3 +419,22 @@ def test_state_dict_round_trip(sam):
     assert np.array_equal(out[0][1], out[1][1]) and same(out[0][2], out[1][2])
     ka, kb = a._act_state["train"]["k"], b._act_state["train"]["k"]
     assert torch.equal(ka, kb) and ka.abs().sum() > 0
+
+
+def test_held_out_figures_are_taken_with_dropout_off():
+    agent = make_agent(tssm_dropout=0.5)
+    batch = synthetic_batch()
+    agent.update(batch)
+    d = agent.diagnostics(batch)
+    wm, data = agent.world_model, agent.prepare(batch)
+    assert wm.training  # the diagnostics hand the model back in training mode
+    parts = {}
+    with torch.no_grad():
+        for training in (False, True):
+            wm.train(training)
+            torch.manual_seed(0)
+            parts[training] = wm.loss(data)[1]
+    assert d["model_error"] == pytest.approx(float(parts[False]["kl"]), rel=1e-6)
+    assert d["wm_loss"] == pytest.approx(float(parts[False]["wm_loss"]), rel=1e-6)
+    # dropout on would have given another figure
+    assert abs(float(parts[True]["kl"]) - float(parts[False]["kl"])) > 1e-3

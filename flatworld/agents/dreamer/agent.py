@@ -169,9 +169,16 @@ class DreamerAgent:
                 torch.manual_seed(0)  # the same latent samples in every evaluation
                 return self.world_model.loss(data)[0]
 
-            with torch.no_grad():
-                torch.manual_seed(0)
-                _, parts, post = self.world_model.loss(data)
+            # Held-out figures come from the network as acting and imagination use it: dropout
+            # off (the transformer's; the RSSM has none). Sharpness is of the training loss.
+            was_training = self.world_model.training
+            self.world_model.eval()
+            try:
+                with torch.no_grad():
+                    torch.manual_seed(0)
+                    parts = self.world_model.loss(data)[1]
+            finally:
+                self.world_model.train(was_training)
             out = {"wm_loss": float(parts["wm_loss"]), "model_error": float(parts["kl"])}
             out.update(sharpness.training_diagnostics(loss_fn, self._wm_params, rho, lambda_max))
         return out
