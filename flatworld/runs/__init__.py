@@ -10,6 +10,7 @@ from flatworld.runs.loop import (
     resume,
     train,
     train_or_resume,
+    trained_agent,
 )
 from flatworld.runs.memory import keep_freed_memory
 from flatworld.runs.protocol import Agent
@@ -18,5 +19,5 @@ from flatworld.runs.replay import ReplayBuffer
 __all__ = [
     "Agent", "ConfigMismatchError", "ReplayBuffer", "RunConfig", "check_device",
     "config_differences", "evaluate", "from_dict", "keep_freed_memory", "read_config", "resume",
-    "train", "train_or_resume",
+    "train", "train_or_resume", "trained_agent",
 ]  # fmt: skip

@@ -13,6 +13,8 @@ import random
 import re
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -732,10 +734,10 @@ def train_or_resume(run_cfg: RunConfig, agent_name: str, agent_cfg: Any, progres
     return resume(run_dir, progress, stop_after)
 
 
-def evaluate(run_dir: str | Path, episodes: int = 10) -> dict[str, Any]:
-    """Evaluate the agent of the last good checkpoint on `episodes` fresh seeded episodes."""
-    if not isinstance(episodes, int) or episodes < 1:
-        raise ValueError(f"episodes={episodes!r}: expected an int >= 1")
+@contextmanager
+def trained_agent(run_dir: str | Path) -> Iterator[tuple[Agent, Any, dict[str, Any]]]:
+    """The agent of a run's last good checkpoint, an evaluation env of the run's task (closed
+    on exit), and the checkpoint's ``step`` and ``path``: for evaluation and probes."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise ValueError(f"{run_dir} is not a flatworld run folder (no config.yaml)")
@@ -745,14 +747,23 @@ def evaluate(run_dir: str | Path, episodes: int = 10) -> dict[str, Any]:
     try:
         state, path = load_checkpoint(run_dir / "checkpoints", validate=loop.check_agent_state)
         loop.agent.load_state_dict(state["agent"])
-        torch.manual_seed(derive_seed(run_cfg.seed, _EVALUATE))
-        seeds = [derive_seed(run_cfg.seed, _EVALUATE, i) for i in range(episodes)]
-        out = run_episodes(loop.eval_env, loop.agent, seeds)
+        yield loop.agent, loop.eval_env, {"step": state["step"], "path": path, "config": run_cfg}
     finally:
         loop.close()
+
+
+def evaluate(run_dir: str | Path, episodes: int = 10) -> dict[str, Any]:
+    """Evaluate the agent of the last good checkpoint on `episodes` fresh seeded episodes."""
+    if not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes={episodes!r}: expected an int >= 1")
+    with trained_agent(run_dir) as (agent, env, ckpt):
+        run_cfg = ckpt["config"]
+        torch.manual_seed(derive_seed(run_cfg.seed, _EVALUATE))
+        seeds = [derive_seed(run_cfg.seed, _EVALUATE, i) for i in range(episodes)]
+        out = run_episodes(env, agent, seeds)
     if run_cfg.env.startswith("atari/"):
         out.update(_human_normalized(run_cfg.env, out))
-    return {"step": state["step"], "checkpoint": str(path), "episodes": episodes, **out}
+    return {"step": ckpt["step"], "checkpoint": str(ckpt["path"]), "episodes": episodes, **out}
 
 
 def _human_normalized(env_id: str, out: dict[str, Any]) -> dict[str, Any]:
