@@ -72,6 +72,13 @@ def agent_config(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
             ap.error(f"{flag} applies to --agent {' or '.join(agents)}, not {args.agent}")
         if value is not None:
             over[key] = value
+    if args.wm_lr is not None:
+        if args.agent not in ("dreamer", "twister"):
+            ap.error(f"--wm-lr applies to --agent dreamer or twister, not {args.agent}")
+        if not args.wm_lr > 0:
+            ap.error(f"--wm-lr {args.wm_lr}; accepted: a learning rate > 0")
+        base = AGENTS[args.agent].config_cls().wm_optim
+        over["wm_optim"] = dataclasses.replace(base, lr=args.wm_lr)
     cfg = dataclasses.replace(AGENTS[args.agent].config_cls(), **over)
     try:
         return cfg.validate()
@@ -102,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         "--seq-len", type=int, help="dreamer/twister: replayed sequence length (default 64)"
     )
     ap.add_argument("--tssm-width", type=int, help="twister: the transformer's width (512)")
+    ap.add_argument(
+        "--wm-lr", type=float, help="dreamer/twister: the world model's learning rate (1e-4)"
+    )
     ap.add_argument(
         "--tssm-dropout", type=float, help="twister: the transformer's dropout (0.1)"
     )
@@ -162,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.agent != "tdmpc2":
         out["train_ratio"] = agent_cfg.train_ratio
         out["seq_len"] = agent_cfg.seq_len
+        out["wm_lr"] = agent_cfg.wm_optim.lr
     if args.agent == "twister":
         out["tssm_width"], out["tssm_dropout"] = agent_cfg.tssm_width, agent_cfg.tssm_dropout
     for label, runs in load_runs(dirs).items():

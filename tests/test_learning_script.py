@@ -97,6 +97,7 @@ def test_overrides_reach_the_agent_config_and_bad_ones_are_usage_errors(
         with pytest.raises(KeyboardInterrupt):
             learning.main(["--agent", "twister", "--model-size", "xs", "--train-ratio", "512",
                            "--tssm-width", "256", "--tssm-dropout", "0", "--seq-len", "32",
+                           "--wm-lr", "3e-4",
                            "--seed-steps", "100", "--env",
                            "gym/CartPole-v1", "--out", str(tmp_path)])  # fmt: skip
     finally:
@@ -104,7 +105,8 @@ def test_overrides_reach_the_agent_config_and_bad_ones_are_usage_errors(
     cfg = seen["cfg"]
     assert seen["agent"] == "twister" and isinstance(cfg, TwisterConfig)
     assert (cfg.model_size, cfg.train_ratio, cfg.tssm_width, cfg.seq_len) == ("XS", 512, 256, 32)
-    assert cfg.tssm_dropout == 0.0
+    assert cfg.tssm_dropout == 0.0 and cfg.wm_optim.lr == 3e-4
+    assert cfg.wm_optim.eps == TwisterConfig().wm_optim.eps  # the rest of the spec unchanged
     assert cfg.sequence_model == "transformer" and seen["run"].seed_steps == 100
     assert seen["threads"] == 2
     for argv, message in (
@@ -115,6 +117,8 @@ def test_overrides_reach_the_agent_config_and_bad_ones_are_usage_errors(
         (["--seq-len", "32"], "--seq-len applies to --agent dreamer or twister"),
         (["--agent", "dreamer", "--tssm-dropout", "0"],
          "--tssm-dropout applies to --agent twister"),
+        (["--wm-lr", "3e-4"], "--wm-lr applies to --agent dreamer or twister"),
+        (["--agent", "dreamer", "--wm-lr", "0"], "--wm-lr 0.0; accepted: a learning rate > 0"),
         (["--agent", "twister", "--tssm-dropout", "1"],
          "tssm_dropout=1.0; accepted: 0 <= dropout < 1"),
         (["--agent", "dreamer", "--seq-len", "1"], "seq_len=1; accepted: an int >= 2"),
