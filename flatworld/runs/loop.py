@@ -737,7 +737,8 @@ def train_or_resume(run_cfg: RunConfig, agent_name: str, agent_cfg: Any, progres
 @contextmanager
 def trained_agent(run_dir: str | Path) -> Iterator[tuple[Agent, Any, dict[str, Any]]]:
     """The agent of a run's last good checkpoint, an evaluation env of the run's task (closed
-    on exit), and the checkpoint's ``step`` and ``path``: for evaluation and probes."""
+    on exit), and ``{"step", "path"}`` of the checkpoint with the run's ``config``: for
+    evaluation and probes."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise ValueError(f"{run_dir} is not a flatworld run folder (no config.yaml)")
