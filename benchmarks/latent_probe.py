@@ -32,6 +32,7 @@ from torch import Tensor
 
 from flatworld.agents.dreamer.networks import symlog
 from flatworld.runs import trained_agent
+from flatworld.runs.loop import env_action
 
 
 def play(agent: Any, env: Any, episodes: int, seed: int) -> list[tuple[Tensor, Tensor]]:
@@ -43,8 +44,7 @@ def play(agent: Any, env: Any, episodes: int, seed: int) -> list[tuple[Tensor, T
         seen, acts, done, t = [obs], [np.zeros(agent.action_dim, np.float32)], False, 0
         while not done:
             a = agent.act(obs, t0=t == 0, eval_mode=False)
-            step = int(a.argmax()) if agent.discrete else a
-            obs, _, terminated, truncated, _ = env.step(step)
+            obs, _, terminated, truncated, _ = env.step(env_action(env, a))
             done, t = terminated or truncated, t + 1
             seen.append(obs)
             acts.append(a)

@@ -72,14 +72,13 @@ def agent_config(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
             ap.error(f"{flag} applies to --agent {' or '.join(agents)}, not {args.agent}")
         if value is not None:
             over[key] = value
+    cfg = dataclasses.replace(AGENTS[args.agent].config_cls(), **over)
     if args.wm_lr is not None:
         if args.agent not in ("dreamer", "twister"):
             ap.error(f"--wm-lr applies to --agent dreamer or twister, not {args.agent}")
         if not args.wm_lr > 0:
             ap.error(f"--wm-lr {args.wm_lr}; accepted: a learning rate > 0")
-        base = AGENTS[args.agent].config_cls().wm_optim
-        over["wm_optim"] = dataclasses.replace(base, lr=args.wm_lr)
-    cfg = dataclasses.replace(AGENTS[args.agent].config_cls(), **over)
+        cfg = dataclasses.replace(cfg, wm_optim=dataclasses.replace(cfg.wm_optim, lr=args.wm_lr))
     try:
         return cfg.validate()
     except ValueError as err:
