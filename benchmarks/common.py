@@ -16,13 +16,15 @@ def sync(device: torch.device) -> None:
 
 
 def peak_matmul_flops(device: torch.device, shapes: Iterable[tuple[int, int, int]],
-                      seconds: float = 1.0, rounds: int = 3) -> float:  # fmt: skip
-    """Best fp32 matmul FLOP/s over (m, k, n) shapes: the best of `rounds` passes, so a busy
-    moment on a shared machine cannot pass for the peak."""
+                      seconds: float = 1.0, rounds: int = 3,
+                      dtype: torch.dtype = torch.float32) -> float:  # fmt: skip
+    """Best matmul FLOP/s (fp32 unless ``dtype``) over (m, k, n) shapes: the best of `rounds`
+    passes, so a busy moment on a shared machine cannot pass for the peak."""
     shapes = list(shapes)
     best = 0.0
     for m, k, n in rounds * shapes:
-        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
         for _ in range(2):
             a @ b
         reps, t = 0, time.perf_counter()
@@ -35,8 +37,23 @@ def peak_matmul_flops(device: torch.device, shapes: Iterable[tuple[int, int, int
     return best
 
 
+def _addmm_inplace_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def _baddbmm_inplace_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
+# FlopCounterMode counts addmm and baddbmm but not their in-place forms, which the Dreamer
+# agents use to accumulate into fresh outputs: count those as their out-of-place twins.
+_INPLACE = {torch.ops.aten.addmm_: _addmm_inplace_flop,
+            torch.ops.aten.baddbmm_: _baddbmm_inplace_flop}  # fmt: skip
+
+
 def flops_of(fn: Callable[[], object]) -> int:
-    """Matmul/conv FLOPs of one call (torch's FlopCounterMode)."""
-    with FlopCounterMode(display=False) as counter:
+    """Matmul/conv FLOPs of one call (torch's FlopCounterMode, plus in-place addmm_ and
+    baddbmm_)."""
+    with FlopCounterMode(display=False, custom_mapping=_INPLACE) as counter:
         fn()
     return counter.get_total_flops()

@@ -1,15 +1,20 @@
 """Dreamer throughput (RSSM and transformer): world-model updates/s with Adam and SAM,
 imagination + actor-critic updates/s, imagination steps/s (the transformer with and without its
-key/value cache), with FLOPs and the fraction of a measured fp32 matmul peak.
+key/value cache), with FLOPs and the fraction of a measured matmul peak, in fp32 (the default)
+and/or with the agent's ``--precision bf16``.
 
-Prints one JSON object. Settings default to Atari-100k's: 3x64x64 pixels, 6 discrete actions,
-batch 16 x 64, horizon 15, 2 threads, the environment excluded; model size S. FLOPs are counted
-by FlopCounterMode (matmuls and convs); ``frac_peak`` = FLOP/s over the peak fp32 matmul FLOP/s
-measured in the same process. Adam and SAM steps take turns, and ``sam_over_adam_wm_step`` is
-the median of the paired ratios, so that it compares one stretch of this shared machine's speed.
+Prints one JSON object: ``{device: {"peak_matmul_gflop_per_s": {precision: ...},
+sequence_model: {precision: figures, "bf16_speedup_over_fp32": ..., "reference_published":
+...}}}``. Settings default to Atari-100k's: 3x64x64 pixels, 6 discrete actions, batch 16 x 64,
+horizon 15, 2 threads, the environment excluded; model size S. FLOPs are counted by
+FlopCounterMode (matmuls and convs); ``frac_peak`` = FLOP/s over the peak matmul FLOP/s of the
+same precision measured in the same process. Adam and SAM steps (and the precisions) take
+turns, and ``sam_over_adam_wm_step`` and ``bf16_speedup_over_fp32`` are medians of paired
+ratios, so that each compares one stretch of this shared machine's speed.
 
-    python benchmarks/dreamer_throughput.py                        # both, a few repeats
+    python benchmarks/dreamer_throughput.py                        # both models, a few repeats
     python benchmarks/dreamer_throughput.py --sequence-model transformer --repeats 5
+    python benchmarks/dreamer_throughput.py --precision fp32 bf16  # and bf16 beside fp32
     python benchmarks/dreamer_throughput.py --quick                # tiny widths: a smoke run
 
 The published codes are not run here. Their figures, measured on this machine type at the same
@@ -29,6 +34,8 @@ from common import flops_of, peak_matmul_flops, sync
 
 from flatworld import optim
 from flatworld.agents.dreamer import DreamerConfig, make
+from flatworld.agents.dreamer.config import PRECISIONS
+from flatworld.agents.dreamer.networks import compute_precision
 from flatworld.runs.memory import keep_freed_memory
 
 REFERENCE_PUBLISHED = {
@@ -51,10 +58,12 @@ REFERENCE_PUBLISHED = {
 }  # fmt: skip
 
 
-def peak_matmul(device: torch.device, seconds: float) -> float:
-    """Peak fp32 matmul FLOP/s at the model's layer shapes (1024 tokens, width 512..1536)."""
+def peak_matmul(device: torch.device, seconds: float, precision: str = "fp32") -> float:
+    """Peak matmul FLOP/s at the model's layer shapes (1024 tokens, width 512..1536), in fp32
+    or (``precision="bf16"``) bfloat16."""
     shapes = ((1024, 512, 512), (1024, 512, 1536), (1024, 1536, 512), (2048, 1024, 512))
-    return peak_matmul_flops(device, shapes, seconds, rounds=2)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return peak_matmul_flops(device, shapes, seconds, rounds=2, dtype=dtype)
 
 
 def timed_together(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
@@ -94,87 +103,115 @@ def make_batch(steps: int, batch: int, actions: int, obs_shape, device) -> dict[
     return {k: v.to(device) for k, v in out.items()}
 
 
-def bench(seq_model: str, device: torch.device, args: argparse.Namespace, peak: float) -> dict:
+def bench(seq_model: str, device: torch.device, args: argparse.Namespace,
+          peaks: dict[str, float]) -> dict:  # fmt: skip
+    """Every figure for each precision in ``args.precision``; the functions compared (Adam and
+    SAM, and the precisions) take turns, so their ratios see one stretch of machine speed."""
     extra = dict(deter=32, units=32, layers=1, cnn_depth=4, stoch=4, classes=4, tssm_width=32,
                  tssm_heads=4, cpc_steps=3) if args.quick else {}  # fmt: skip
-    res: dict = {}
+    precs = list(args.precision)
+    res: dict = {p: {} for p in precs}
     b = make_batch(args.seq_len, args.batch, args.actions, (3, 64, 64), device)
 
-    def agent_for(sam):
+    def agent_for(sam, precision):
         torch.manual_seed(0)
         cfg = DreamerConfig(sequence_model=seq_model, batch_size=args.batch, seq_len=args.seq_len,
-                            imag_horizon=args.horizon,
+                            imag_horizon=args.horizon, precision=precision,
                             wm_optim=optim.OptimSpec(lr=1e-4, eps=1e-8, sam=sam), **extra)
         return make(cfg, obs_shape=(3, 64, 64), action_dim=args.actions, episode_length=27000,
                     device=device, discrete=True)  # fmt: skip
 
-    def record(name: str, fn, sec: float, per_call: float = 1.0) -> None:
+    def record(prec: str, name: str, fn, sec: float, per_call: float = 1.0) -> None:
         fl = flops_of(fn)
-        res[name] = {"ms": 1e3 * sec, "per_s": per_call / sec, "gflop": fl / 1e9,
-                     "gflop_per_s": fl / sec / 1e9, "frac_peak": fl / sec / peak}  # fmt: skip
+        res[prec][name] = {"ms": 1e3 * sec, "per_s": per_call / sec, "gflop": fl / 1e9,
+                           "gflop_per_s": fl / sec / 1e9, "frac_peak": fl / sec / peaks[prec]}
 
-    def rate(name: str, fn, per_call: float = 1.0) -> None:
-        record(name, fn, timed(fn, args.repeats, device), per_call)
+    speedup: dict[str, float] = {}
 
-    # Adam and SAM take turns, so that SAM/Adam compares the same stretch of machine speed.
-    agents = {opt: agent_for(sam) for opt, sam in (("adam", None),
-                                                    ("sam", optim.SamSpec(rho=0.1)))}
+    def paired(secs: dict, a: tuple, b: tuple) -> float:
+        return statistics.median(x / y for x, y in zip(secs[a], secs[b], strict=True))
+
+    def together(fns: dict, per_call: float = 1.0) -> dict:
+        """Time fns {(name, prec): fn} in turns; record each, and the paired fp32/bf16 ratio."""
+        secs = timed_together(fns, args.repeats, device)
+        for (name, prec), fn in fns.items():
+            record(prec, name, fn, statistics.median(secs[name, prec]), per_call)
+        if len(precs) > 1:
+            for name in dict.fromkeys(name for name, _ in fns):
+                speedup[name] = paired(secs, (name, "fp32"), (name, "bf16"))
+        return secs
+
+    agents = {(opt, prec): agent_for(sam, prec) for prec in precs
+              for opt, sam in (("adam", None), ("sam", optim.SamSpec(rho=0.1)))}  # fmt: skip
     for part in ("update", "wm_step"):
         if part == "wm_step":  # the same update with the actor-critic step left out
             for agent in agents.values():
                 agent.train_actor_critic = lambda start, cont0: {}
-        fns = {f"{part}_{opt}": (lambda a=agent: a.update(b)) for opt, agent in agents.items()}
-        secs = timed_together(fns, args.repeats, device)
-        for name, fn in fns.items():
-            record(name, fn, statistics.median(secs[name]))
+        secs = together({(f"{part}_{opt}", prec): (lambda a=agent: a.update(b))
+                         for (opt, prec), agent in agents.items()})  # fmt: skip
         if part == "wm_step":
-            res["sam_over_adam_wm_step"] = statistics.median(
-                s / a for s, a in zip(secs["wm_step_sam"], secs["wm_step_adam"], strict=True))
-    wm = agents["adam"].world_model
-    res["params_m"] = {
+            for prec in precs:
+                res[prec]["sam_over_adam_wm_step"] = paired(secs, ("wm_step_sam", prec),
+                                                            ("wm_step_adam", prec))  # fmt: skip
+    wm = agents["adam", precs[0]].world_model
+    params_m = {
         "world_model": sum(p.numel() for p in wm.parameters()) / 1e6,
         "cpc_heads": (sum(p.numel() for p in wm.cpc.parameters()) / 1e6
                       if getattr(wm, "cpc", None) is not None else 0.0),
-        "actor_critic": sum(p.numel() for p in agents["adam"].ac.parameters()) / 1e6}  # fmt: skip
-    del agents
-    agent = agent_for(None)
-    data = agent.prepare(b)
-    with torch.no_grad():
-        post = agent.world_model.loss(data)[2]
-    cont0 = data["cont"].flatten(0, 1)
-    seq = agent.world_model.seq
-
-    def imag_ac() -> None:
-        agent.ac.update(agent.world_model, seq.imagine_start(post), cont0, agent.actor_optim,
-                        agent.critic_optim)  # fmt: skip
-
-    rate("imag_ac", imag_ac)
+        "actor_critic": sum(p.numel() for p in agents["adam", precs[0]].ac.parameters()) / 1e6}
+    del agents, wm
     n = args.batch * args.seq_len
     acts = torch.nn.functional.one_hot(torch.randint(0, args.actions, (args.horizon, n)),
                                        args.actions).float().to(device)  # fmt: skip
+    imag_ac, rollout, recompute = {}, {}, {}
+    for prec in precs:
+        agent = agent_for(None, prec)
+        data = agent.prepare(b)
+        with torch.no_grad(), compute_precision(device, prec):
+            post = agent.world_model.loss(data)[2]
+        cont0 = data["cont"].flatten(0, 1)
+        seq = agent.world_model.seq
 
-    @torch.no_grad()
-    def rollout() -> None:  # the sequence model alone, from every posterior state
-        state = seq.imagine_start(post)
-        for i in range(args.horizon):
-            state = seq.imagine_step(state, acts[i])
-
-    rate("imagine_cached" if seq_model == "transformer" else "imagine", rollout,
-         per_call=args.horizon * n)
-    if seq_model == "transformer":
-        ctx = seq.context
-        tokens = torch.randn(ctx + args.horizon, n, seq.width, device=device)
-        start = torch.zeros(ctx, n, dtype=torch.bool, device=device)
+        def ac_step(agent=agent, seq=seq, post=post, cont0=cont0) -> None:
+            agent.ac.update(agent.world_model, seq.imagine_start(post), cont0, agent.actor_optim,
+                            agent.critic_optim)  # fmt: skip
 
         @torch.no_grad()
-        def recompute() -> None:  # no cache: every step reruns the window of its last ctx tokens
-            for i in range(args.horizon):
-                h, _, _ = seq.forward_tokens(tokens[i + 1:i + 1 + ctx], start)
-                seq._latent(seq.prior_net(h[-1]), True)
+        def roll(seq=seq, post=post, prec=prec) -> None:  # the sequence model alone
+            with compute_precision(device, prec):
+                state = seq.imagine_start(post)
+                for i in range(args.horizon):
+                    state = seq.imagine_step(state, acts[i])
 
-        rate("imagine_recompute_window", recompute, per_call=args.horizon * n)
-        res["cached_over_recompute_speed"] = (res["imagine_cached"]["per_s"]
-                                              / res["imagine_recompute_window"]["per_s"])
+        imag_ac["imag_ac", prec] = ac_step
+        name = "imagine_cached" if seq_model == "transformer" else "imagine"
+        rollout[name, prec] = roll
+        if seq_model == "transformer":
+            ctx = seq.context
+            tokens = torch.randn(ctx + args.horizon, n, seq.width, device=device)
+            start = torch.zeros(ctx, n, dtype=torch.bool, device=device)
+
+            @torch.no_grad()
+            def window(seq=seq, tokens=tokens, start=start, prec=prec, ctx=ctx) -> None:
+                # no cache: every step reruns the window of its last ctx tokens
+                with compute_precision(device, prec):
+                    for i in range(args.horizon):
+                        h, _, _ = seq.forward_tokens(tokens[i + 1:i + 1 + ctx], start)
+                        seq._latent(seq.prior_net(h[-1]), True)
+
+            recompute["imagine_recompute_window", prec] = window
+    together(imag_ac)
+    together(rollout, per_call=args.horizon * n)
+    if recompute:
+        together(recompute, per_call=args.horizon * n)
+    for prec in precs:
+        r = res[prec]
+        r["params_m"] = params_m
+        if seq_model == "transformer":
+            r["cached_over_recompute_speed"] = (r["imagine_cached"]["per_s"]
+                                                / r["imagine_recompute_window"]["per_s"])
+    if speedup:
+        res["bf16_speedup_over_fp32"] = speedup
     res["reference_published"] = REFERENCE_PUBLISHED[seq_model]
     return res
 
@@ -183,6 +220,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sequence-model", nargs="+", default=["rssm", "transformer"],
                    choices=["rssm", "transformer"])  # fmt: skip
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS,
+                   help="the agent's --precision; both: they take turns, and the JSON gives "
+                        "bf16_speedup_over_fp32 (median of paired ratios)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=16)
@@ -195,6 +235,7 @@ def main() -> None:
                    help="flatworld.runs.keep_freed_memory (as training runs do); off: malloc as "
                         "it is")  # fmt: skip
     args = p.parse_args()
+    args.precision = list(dict.fromkeys(args.precision))  # each once, in the order given
     kept = keep_freed_memory() if args.keep_freed_memory else False
     if args.quick:
         args.repeats, args.batch, args.seq_len = 1, 4, 16
@@ -204,10 +245,10 @@ def main() -> None:
                  "torch": torch.__version__, "keep_freed_memory": kept}  # fmt: skip
     for name in devices:
         device = torch.device(name)
-        peak = peak_matmul(device, 0.3 if args.quick else 1.0)
-        out[name] = {"peak_matmul_gflop_per_s": peak / 1e9}
+        peaks = {p: peak_matmul(device, 0.3 if args.quick else 1.0, p) for p in args.precision}
+        out[name] = {"peak_matmul_gflop_per_s": {p: v / 1e9 for p, v in peaks.items()}}
         for seq_model in args.sequence_model:
-            out[name][seq_model] = bench(seq_model, device, args, peak)
+            out[name][seq_model] = bench(seq_model, device, args, peaks)
     print(json.dumps(out, indent=1))
 
 

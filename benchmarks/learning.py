@@ -66,6 +66,7 @@ def agent_config(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
         ("--seq-len", "seq_len", ("dreamer", "twister")),
         ("--tssm-width", "tssm_width", ("twister",)),
         ("--tssm-dropout", "tssm_dropout", ("twister",)),
+        ("--precision", "precision", ("dreamer", "twister")),
     ):
         value = getattr(args, key)
         if value is not None and args.agent not in agents:
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--tssm-dropout", type=float, help="twister: the transformer's dropout (0.1)"
+    )
+    ap.add_argument(
+        "--precision", help="dreamer/twister: fp32 (default) or bf16 (autocast matmuls and convs)"
     )
     ap.add_argument("--seed-steps", type=int, help="random-action steps (default: the agent's)")
     ap.add_argument(
@@ -172,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         out["train_ratio"] = agent_cfg.train_ratio
         out["seq_len"] = agent_cfg.seq_len
         out["wm_lr"] = agent_cfg.wm_optim.lr
+        out["precision"] = agent_cfg.precision
     if args.agent == "twister":
         out["tssm_width"], out["tssm_dropout"] = agent_cfg.tssm_width, agent_cfg.tssm_dropout
     for label, runs in load_runs(dirs).items():

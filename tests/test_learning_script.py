@@ -97,7 +97,7 @@ def test_overrides_reach_the_agent_config_and_bad_ones_are_usage_errors(
         with pytest.raises(KeyboardInterrupt):
             learning.main(["--agent", "twister", "--model-size", "xs", "--train-ratio", "512",
                            "--tssm-width", "256", "--tssm-dropout", "0", "--seq-len", "32",
-                           "--wm-lr", "3e-4",
+                           "--wm-lr", "3e-4", "--precision", "bf16",
                            "--seed-steps", "100", "--env",
                            "gym/CartPole-v1", "--out", str(tmp_path)])  # fmt: skip
     finally:
@@ -105,7 +105,7 @@ def test_overrides_reach_the_agent_config_and_bad_ones_are_usage_errors(
     cfg = seen["cfg"]
     assert seen["agent"] == "twister" and isinstance(cfg, TwisterConfig)
     assert (cfg.model_size, cfg.train_ratio, cfg.tssm_width, cfg.seq_len) == ("XS", 512, 256, 32)
-    assert cfg.tssm_dropout == 0.0 and cfg.wm_optim.lr == 3e-4
+    assert cfg.tssm_dropout == 0.0 and cfg.wm_optim.lr == 3e-4 and cfg.precision == "bf16"
     assert cfg.wm_optim.eps == TwisterConfig().wm_optim.eps  # the rest of the spec unchanged
     assert cfg.sequence_model == "transformer" and seen["run"].seed_steps == 100
     assert seen["threads"] == 2
@@ -122,6 +122,9 @@ def test_overrides_reach_the_agent_config_and_bad_ones_are_usage_errors(
         (["--agent", "twister", "--tssm-dropout", "1"],
          "tssm_dropout=1.0; accepted: 0 <= dropout < 1"),
         (["--agent", "dreamer", "--seq-len", "1"], "seq_len=1; accepted: an int >= 2"),
+        (["--precision", "bf16"], "--precision applies to --agent dreamer or twister"),
+        (["--agent", "dreamer", "--precision", "fp16"],
+         "precision='fp16'; accepted: one of ('fp32', 'bf16')"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             learning.main(argv)

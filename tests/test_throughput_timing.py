@@ -17,3 +17,13 @@ def test_compared_functions_take_turns_after_two_warm_up_rounds(load_benchmark):
     single: list[int] = []
     assert bench.timed(lambda: single.append(1), repeats=4, device=torch.device("cpu")) >= 0.0
     assert len(single) == 6
+
+
+def test_flops_count_in_place_matmuls_like_their_out_of_place_twins(load_benchmark):
+    flops_of = load_benchmark("common").flops_of
+    a, b, c = torch.randn(6, 5), torch.randn(5, 4), torch.randn(6, 4)
+    x, y, z = torch.randn(3, 6, 5), torch.randn(3, 5, 4), torch.randn(3, 6, 4)
+    assert flops_of(lambda: torch.addmm(c, a, b)) == 2 * 6 * 5 * 4
+    assert flops_of(lambda: c.clone().addmm_(a, b)) == 2 * 6 * 5 * 4
+    assert flops_of(lambda: z.clone().baddbmm_(x, y)) == flops_of(lambda: torch.baddbmm(z, x, y))
+    assert flops_of(lambda: torch.baddbmm(z, x, y)) == 2 * 3 * 6 * 5 * 4

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils import clip_grad_norm_
 
 from flatworld.agents.dreamer.config import DreamerConfig
-from flatworld.agents.dreamer.networks import OneHotFeat, feed, mlp
+from flatworld.agents.dreamer.networks import OneHotFeat, compute_precision, feed, mlp
 from flatworld.agents.dreamer.sequence import (
     SequenceModel,
     State,
@@ -199,7 +199,8 @@ class ActorCritic(nn.Module):
                actor_optim: torch.optim.Optimizer, critic_optim: torch.optim.Optimizer
                ) -> dict[str, Tensor]:  # fmt: skip
         cfg = self.cfg
-        actor_loss, critic_loss, metrics = self.losses(wm, start, cont0)
+        with compute_precision(cont0.device, cfg.precision):
+            actor_loss, critic_loss, metrics = self.losses(wm, start, cont0)
         actor_params = list(self.actor.parameters())
         critic_params = list(self.critic.parameters())
         # Restricted backwards: the actor's loss reaches the critic and (continuous) the world

@@ -25,6 +25,7 @@ from torch.nn.utils import clip_grad_norm_
 from flatworld import optim, sharpness
 from flatworld.agents.dreamer.actor_critic import ActorCritic
 from flatworld.agents.dreamer.config import DreamerConfig
+from flatworld.agents.dreamer.networks import compute_precision
 from flatworld.agents.dreamer.world_model import WorldModel
 from flatworld.nn import rng_state, set_rng_state
 
@@ -64,14 +65,20 @@ class DreamerAgent:
         self._act_state: dict[str, dict[str, Any]] = {}  # "train" and "eval" episodes
         self.updates = 0
 
+    def _precision(self) -> torch.autocast:
+        return compute_precision(self.device, self.cfg.precision)
+
     # ---- acting --------------------------------------------------------------------------
     def _obs(self, obs: np.ndarray) -> Tensor:
         return torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)[None]
 
-    @torch.no_grad()
     def act(self, obs: np.ndarray, t0: bool = False, eval_mode: bool = False) -> np.ndarray:
         """One action; the recurrent state (and the previous action) is kept between calls,
         apart for training and evaluation episodes, and reset when ``t0``."""
+        with torch.no_grad(), self._precision():
+            return self._act(obs, t0, eval_mode)
+
+    def _act(self, obs: np.ndarray, t0: bool, eval_mode: bool) -> np.ndarray:
         seq = self.world_model.seq
         key = "eval" if eval_mode else "train"
         prev = self._act_state.get(key)
@@ -88,14 +95,14 @@ class DreamerAgent:
         self._act_state[key] = {**post, "action": a}  # the whole state (the TSSM's cache too)
         return a[0].cpu().numpy().astype(np.float32)
 
-    @torch.no_grad()
     def value(self, obs: np.ndarray) -> float:
         """The critic at an episode's first observation (posterior mode: no randomness)."""
         seq = self.world_model.seq
         action = torch.zeros(1, self.action_dim, device=self.device)
-        post = seq.obs_step(seq.initial(1), action, self.world_model.embed(self._obs(obs)),
-                            sample=False)  # fmt: skip
-        return float(self.ac.value(seq.feat(post)).item())
+        with torch.no_grad(), self._precision():
+            post = seq.obs_step(seq.initial(1), action, self.world_model.embed(self._obs(obs)),
+                                sample=False)  # fmt: skip
+            return float(self.ac.value(seq.feat(post)).item())
 
     # ---- targets and the world-model loss --------------------------------------------------
     @torch.no_grad()
@@ -124,7 +131,8 @@ class DreamerAgent:
                 first["rng"] = rng_state(self.device)
             else:
                 set_rng_state(first["rng"], self.device)
-            loss, parts, post = self.world_model.loss(data)
+            with self._precision():
+                loss, parts, post = self.world_model.loss(data)
             loss.backward()
             # Each pass clips its own gradient by the same rule. Clipping is a uniform scale,
             # so the ascent direction g/|g| is unchanged and the SAM gradient is clipped as a
@@ -167,14 +175,15 @@ class DreamerAgent:
 
             def loss_fn() -> Tensor:
                 torch.manual_seed(0)  # the same latent samples in every evaluation
-                return self.world_model.loss(data)[0]
+                with self._precision():
+                    return self.world_model.loss(data)[0]
 
             # Held-out figures come from the network as acting and imagination use it: dropout
             # off (the transformer's; the RSSM has none). Sharpness is of the training loss.
             was_training = self.world_model.training
             self.world_model.eval()
             try:
-                with torch.no_grad():
+                with torch.no_grad(), self._precision():
                     torch.manual_seed(0)
                     parts = self.world_model.loss(data)[1]
             finally:

@@ -19,6 +19,9 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "L": dict(deter=2048, units=768, layers=4, cnn_depth=64),
 }
 SEQUENCE_MODELS = ("rssm", "transformer")  # DreamerV3's GRU; the TWISTER-style TSSM
+# bf16: matmuls and convs run under torch.autocast in bfloat16 (DreamerV3's own code computes in
+# bfloat16); weights, optimizer state, latent distributions and losses stay fp32.
+PRECISIONS = ("fp32", "bf16")
 
 
 def default_wm_optim() -> optim.OptimSpec:
@@ -30,6 +33,9 @@ class DreamerConfig:
     # architecture; deter/units/layers/cnn_depth override the size table when set (tiny tests)
     model_size: str = field(default="S", metadata={"choices": tuple(MODEL_SIZES)})
     sequence_model: str = field(default="rssm", metadata={"choices": SEQUENCE_MODELS})
+    precision: str = field(default="fp32", metadata={
+        "choices": PRECISIONS, "help": "bf16: matmuls and convs in bfloat16 under autocast "
+        "(weights, optimizer state and losses fp32); fast where the CPU has AMX or on GPUs"})
     deter: int | None = None
     units: int | None = None
     layers: int | None = None
@@ -107,6 +113,7 @@ class DreamerConfig:
         check(self.model_size in MODEL_SIZES, "model_size", f"one of {tuple(MODEL_SIZES)}")
         check(self.sequence_model in SEQUENCE_MODELS, "sequence_model",
               f"one of {SEQUENCE_MODELS}")  # fmt: skip
+        check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
         check(self.episodic in (None, True, False), "episodic",
               "None (follow the env suite), True or False")  # fmt: skip
         for k in ("deter", "units", "layers", "cnn_depth"):

@@ -39,6 +39,12 @@ def init_(layer: nn.Linear | nn.Conv2d | nn.ConvTranspose2d, scale: float = 1.0,
             layer.bias.zero_()
 
 
+def compute_precision(device: torch.device, precision: str) -> torch.autocast:
+    """The context that forward passes run in: bf16 autocast for ``precision="bf16"`` (see
+    ``config.PRECISIONS``), a no-op for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 class Dense(nn.Sequential):
     """Linear (no bias: the norm has one) -> LayerNorm -> SiLU."""
 
@@ -126,20 +132,24 @@ def feed(net: nn.Sequential | nn.Linear, x: Tensor | OneHotFeat) -> Tensor:
     """``net(x)`` for an :func:`mlp` or a Linear, reading a :class:`OneHotFeat` without
     concatenating it."""
     if isinstance(x, Tensor):
-        return net(x)
+        return net(x).float()
     layers = list(net) if isinstance(net, nn.Sequential) else [net]
     first = layers[0]
     linear = first[0] if isinstance(first, Dense) else first
     d, w = x.dense.shape[-1], linear.weight
     h = onehot_matmul(x.onehot, x.index, w[:, d:])
-    if d > 0:  # in place, into the fresh sum: an out-of-place addmm would first copy it
-        h.view(-1, h.shape[-1]).addmm_(x.dense.reshape(-1, d), w[:, :d].t())
+    if d > 0:
+        dense, flat = x.dense.reshape(-1, d), h.view(-1, h.shape[-1])
+        if torch.is_autocast_enabled(h.device.type):  # autocast casts out-of-place ops only
+            h = torch.addmm(flat, dense, w[:, :d].t()).view(h.shape)
+        else:  # in place, into the fresh sum: an out-of-place addmm would first copy it
+            flat.addmm_(dense, w[:, :d].t())
     if linear.bias is not None:
         h.add_(linear.bias)
     rest = list(first)[1:] if isinstance(first, Dense) else []
     for layer in rest + layers[1:]:
         h = layer(h)
-    return h
+    return h.float()  # losses and distributions in fp32 (a no-op unless under autocast)
 
 
 class ChannelNorm(nn.LayerNorm):
@@ -176,7 +186,7 @@ class ConvEncoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-3]
         x = x.reshape(-1, *x.shape[-3:]).contiguous(memory_format=torch.channels_last)
-        return self.net(x).flatten(1).reshape(*lead, self.out_dim)
+        return self.net(x).float().flatten(1).reshape(*lead, self.out_dim)
 
 
 class ConvDecoder(nn.Module):
@@ -204,7 +214,7 @@ class ConvDecoder(nn.Module):
     def forward(self, feat: Tensor | OneHotFeat) -> Tensor:
         lead = (feat if isinstance(feat, Tensor) else feat.dense).shape[:-1]
         x = feed(self.proj, feat).reshape(-1, self.top, 4, 4)
-        x = self.net(x.contiguous(memory_format=torch.channels_last))
+        x = self.net(x.contiguous(memory_format=torch.channels_last)).float()
         return x.reshape(*lead, *self.obs_shape)
 
 

@@ -58,7 +58,9 @@ class RSSM(SequenceModel):
         index = onehot_index(stoch, self.stoch) if index is None else index
         x = onehot_rows(stoch, index, self.img_in_rows)
         x = F.silu(self.img_in_norm(x.addmm_(action, self.img_in_action.weight.t())))
-        gates = self.gru_norm(self.gru_x(x).addmm_(deter, self.gru_h.weight.t()))
+        gates = self.gru_x(x)  # bf16 under autocast, which casts out-of-place ops only
+        gates = self.gru_norm(gates.addmm_(deter.to(gates.dtype),
+                                           self.gru_h.weight.t().to(gates.dtype)))
         reset, cand, update = gates.chunk(3, -1)
         cand = torch.tanh(torch.sigmoid(reset) * cand)
         update = torch.sigmoid(update - 1.0)

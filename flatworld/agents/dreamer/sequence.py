@@ -54,6 +54,7 @@ class SequenceModel(nn.Module):
         """(one-hot latents (..., stoch * classes), their log-probabilities (..., stoch,
         classes), the flat columns of their 1s (..., stoch)) from logits, sampled
         (straight-through) or the mode. The columns spare the next layer an argmax."""
+        logits = logits.float()  # the latents' distributions in fp32, also under autocast
         logp = unimix_logits(logits.unflatten(-1, (self.stoch, self.classes)), self.unimix)
         if sample:
             cls = sample_classes(logp, self._noise(logp))

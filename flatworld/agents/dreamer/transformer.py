@@ -111,7 +111,7 @@ class TSSM(SequenceModel):
         if index is not None:
             x = onehot_rows(z, index.reshape(-1, index.shape[-1]), self.tok_rows)
         else:
-            x = z @ self.tok_rows
+            x = (z @ self.tok_rows).float()  # autocast's bf16 product: the addmm_ is fp32
         x = x.addmm_(action.reshape(-1, action.shape[-1]), self.tok_action.weight.t())
         return F.silu(self.tok_norm(x.add_(self.tok_bias))).reshape(*lead, self.width)
 
