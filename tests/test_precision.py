@@ -6,10 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flatworld import optim
 from flatworld.agents.dreamer import DreamerConfig, make
+from flatworld.agents.dreamer.networks import compute_precision
 from tests.test_dreamer import ACT, OBS, all_params, same, synthetic_batch, tiny
 from tests.test_twister import twister_cfg
 
@@ -62,6 +64,30 @@ def test_bf16_runs_layers_in_bf16_and_keeps_weights_and_losses_fp32(seq_model):
                    if torch.is_tensor(t) and t.is_floating_point())  # fmt: skip
         a = agent.act(batch["obs"][0, 0].numpy(), t0=True, eval_mode=False)
         assert a.dtype == np.float32 and sorted(a.tolist()) == [0.0] * (ACT - 1) + [1.0]
+
+
+@pytest.mark.parametrize("seq_model", sorted(MODELS))
+def test_bf16_losses_states_and_distributions_are_computed_in_fp32(seq_model, monkeypatch):
+    reduced: list[torch.dtype] = []  # the inputs of every softmax-like reduction
+    for mod, name in ((torch, "logsumexp"), (torch, "softmax"), (F, "softmax"),
+                      (F, "log_softmax")):  # fmt: skip
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda x, *a, _f=orig, **k: (
+            reduced.append(x.dtype), _f(x, *a, **k))[1])  # fmt: skip
+    shape = (3, 64, 64)
+    batch = {k: v[:4, :2] for k, v in synthetic_batch(obs_shape=shape).items()}
+    agent = agent_for(seq_model, "bf16", obs_shape=shape)
+    data = agent.prepare(batch)
+    with compute_precision(agent.device, "bf16"):
+        loss, parts, post = agent.world_model.loss(data)
+        start = agent.world_model.seq.imagine_start(post)
+        actor_loss, critic_loss, ac = agent.ac.losses(agent.world_model, start,
+                                                      data["cont"].flatten(0, 1))  # fmt: skip
+    assert seq_model != "transformer" or "cpc_loss" in parts
+    assert reduced and set(reduced) == {torch.float32}
+    for t in (loss, actor_loss, critic_loss, *parts.values(), *ac.values(), post["deter"],
+              post["logits"]):  # fmt: skip
+        assert t.dtype == torch.float32
 
 
 @pytest.mark.parametrize("seq_model", sorted(MODELS))

@@ -19,8 +19,9 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "L": dict(deter=2048, units=768, layers=4, cnn_depth=64),
 }
 SEQUENCE_MODELS = ("rssm", "transformer")  # DreamerV3's GRU; the TWISTER-style TSSM
-# bf16: matmuls and convs run under torch.autocast in bfloat16 (DreamerV3's own code computes in
-# bfloat16); weights, optimizer state, latent distributions and losses stay fp32.
+# bf16: matmuls and convs run under torch.autocast in bfloat16 (DreamerV3's later official code
+# computes in bfloat16; the v1 settings followed here are fp32, the default); weights, optimizer
+# state, latent distributions and losses stay fp32.
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -35,7 +36,8 @@ class DreamerConfig:
     sequence_model: str = field(default="rssm", metadata={"choices": SEQUENCE_MODELS})
     precision: str = field(default="fp32", metadata={
         "choices": PRECISIONS, "help": "bf16: matmuls and convs in bfloat16 under autocast "
-        "(weights, optimizer state and losses fp32); fast where the CPU has AMX or on GPUs"})
+        "(weights, optimizer state and losses fp32); pays where the hardware multiplies bf16 "
+        "natively (AMX CPUs, recent GPUs), not on tiny models"})
     deter: int | None = None
     units: int | None = None
     layers: int | None = None

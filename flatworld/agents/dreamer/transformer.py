@@ -264,7 +264,7 @@ class TSSM(SequenceModel):
 def info_nce(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
     """InfoNCE with dot products and in-batch negatives: row i of ``pred`` (M, P) should pick
     row i of ``target`` (M, P) among all M. The mean over rows weighted by ``weight`` (M,)."""
-    logits = pred @ target.t()
+    logits = (pred @ target.t()).float()  # the logsumexp in fp32, also under autocast
     loss = torch.logsumexp(logits, -1) - logits.diagonal()
     return (loss * weight).sum() / weight.sum().clamp_min(1.0)
 
