@@ -167,7 +167,7 @@ def bench(seq_model: str, device: torch.device, args: argparse.Namespace,
     for prec in precs:
         agent = agent_for(None, prec)
         data = agent.prepare(b)
-        with torch.no_grad(), compute_precision(device, prec):
+        with torch.no_grad():
             post = agent.world_model.loss(data)[2]
         cont0 = data["cont"].flatten(0, 1)
         seq = agent.world_model.seq

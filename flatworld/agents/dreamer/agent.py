@@ -131,8 +131,7 @@ class DreamerAgent:
                 first["rng"] = rng_state(self.device)
             else:
                 set_rng_state(first["rng"], self.device)
-            with self._precision():
-                loss, parts, post = self.world_model.loss(data)
+            loss, parts, post = self.world_model.loss(data)
             loss.backward()
             # Each pass clips its own gradient by the same rule. Clipping is a uniform scale,
             # so the ascent direction g/|g| is unchanged and the SAM gradient is clipped as a
@@ -175,15 +174,14 @@ class DreamerAgent:
 
             def loss_fn() -> Tensor:
                 torch.manual_seed(0)  # the same latent samples in every evaluation
-                with self._precision():
-                    return self.world_model.loss(data)[0]
+                return self.world_model.loss(data)[0]
 
             # Held-out figures come from the network as acting and imagination use it: dropout
             # off (the transformer's; the RSSM has none). Sharpness is of the training loss.
             was_training = self.world_model.training
             self.world_model.eval()
             try:
-                with torch.no_grad(), self._precision():
+                with torch.no_grad():
                     torch.manual_seed(0)
                     parts = self.world_model.loss(data)[1]
             finally:

@@ -16,6 +16,7 @@ from flatworld.agents.dreamer.networks import (
     MLPDecoder,
     MLPEncoder,
     OneHotFeat,
+    compute_precision,
     feed,
     mlp,
     preprocess,
@@ -89,7 +90,11 @@ class WorldModel(nn.Module):
     def loss(self, data: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], State]:
         """World-model loss on prepared data (see ``DreamerAgent.prepare``): the loss, its
         parts (0-dim, detached) and the posterior states. Predictions only: every target in
-        ``data`` was computed before."""
+        ``data`` was computed before. Runs in ``cfg.precision``."""
+        with compute_precision(data["obs"].device, self.cfg.precision):
+            return self._loss(data)
+
+    def _loss(self, data: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], State]:
         cfg = self.cfg
         post, prior, feat = self.seq.observe(self.encoder(data["obs"]), data["action"],
                                              data["is_first"])  # fmt: skip
