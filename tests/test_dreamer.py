@@ -481,6 +481,27 @@ def test_act_one_hot_for_discrete_and_bounded_for_continuous():
     assert np.isfinite(cont.value(obs))
 
 
+def test_evaluation_samples_the_actor_unless_eval_policy_is_mode(monkeypatch):
+    obs = np.linspace(-1, 1, OBS).astype(np.float32)
+
+    def eval_calls(agent: DreamerAgent) -> list[str]:
+        calls: list[str] = []
+        actor = agent.ac.actor
+        for name in ("sample", "mode"):
+            fn = getattr(actor, name)
+            monkeypatch.setattr(actor, name, lambda p, _f=fn, _n=name: calls.append(_n) or _f(p))
+        for t in range(3):
+            a = agent.act(obs, t0=t == 0, eval_mode=True)
+        assert a.shape == (ACT,)
+        return calls
+
+    assert eval_calls(make_agent()) == ["sample"] * 3  # DreamerV3 v1 samples in evaluation
+    assert eval_calls(make_agent(eval_policy="mode")) == ["mode"] * 3
+    assert eval_calls(make_agent(discrete=False, eval_policy="mode")) == ["mode"] * 3
+    with pytest.raises(ValueError, match=r"eval_policy='argmax'; accepted: one of \('sample'"):
+        make_agent(eval_policy="argmax").cfg.validate()
+
+
 def test_episodic_flag_sets_the_continue_targets():
     batch = synthetic_batch(terminated=True)
     on = make_agent(episodic=True).prepare(batch)["cont"]

@@ -310,6 +310,28 @@ def test_kill_and_resume_is_bit_identical(reference, tmp_path):
     assert resume(run_dir, progress=False) == run_dir  # a finished run stays finished
 
 
+def test_time_limit_stops_at_an_episode_end_and_resumes_bit_identical(reference, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train(run_cfg(run_dir, time_limit_s=1e-9), "fake", FakeConfig(), progress=False)
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    assert [s for s, _ in ckpts] == [20]  # the first episode end, not the end of the run
+    assert int(numbers(run_dir)[-1]["step"]) == 20
+    assert "stopped at step 20" in capsys.readouterr().out
+    invocations = 1
+    while not load_checkpoint(run_dir / "checkpoints")[0]["done"]:
+        resume(run_dir, progress=False)  # the limit is in the run's config: one episode each
+        invocations += 1
+    assert invocations == 10  # 10 episodes of 20 steps
+    assert numbers(run_dir) == numbers(reference)
+    assert_same_agent(final_agent(run_dir), final_agent(reference))
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "1h", True])
+def test_time_limit_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match=r"time_limit_s=.*seconds > 0"):
+        run_cfg(Path("x"), time_limit_s=bad).validate()
+
+
 def test_truncated_checkpoint_falls_back_to_previous(reference, tmp_path):
     run_dir = tmp_path / "run"
     train(run_cfg(run_dir), "fake", FakeConfig(), progress=False, stop_after=130)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -90,6 +91,10 @@ class RunConfig:
     diag_every: int = 10_000
     lambda_max: bool = False  # also log lambda_max of the world-model Hessian (slow)
     checkpoint_every: int = 50_000  # rounded up to the next episode end
+    time_limit_s: float | None = field(default=None, metadata={
+        "help": "stop at the first episode end after this many seconds of this invocation, "
+                "with a checkpoint; `flatworld train --resume RUN` goes on (for job time "
+                "limits on clusters). Default: none"})
     log_every: int = 1_000
     run_dir: str = ""  # "": runs/<env>-s<seed>
     device: str = "cpu"
@@ -125,6 +130,10 @@ class RunConfig:
                 name,
                 f"a multiple of log_every={self.log_every} (each lands on a metrics row)",
             )
+        limit = self.time_limit_s
+        need(limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool)
+                               and math.isfinite(limit) and limit > 0),
+             "time_limit_s", "None or a number of seconds > 0")  # fmt: skip
         need(isinstance(self.lambda_max, bool), "lambda_max", "True or False")
         need(self.seed_burst in (None, True, False), "seed_burst",
              "None (the agent's default), True or False")  # fmt: skip

@@ -543,6 +543,7 @@ class _Loop:
         )
         obs, t, ep_return = self._reset(), 0, 0.0
         tick, tick_step = time.perf_counter(), self.step
+        deadline = None if cfg.time_limit_s is None else tick + cfg.time_limit_s
         try:
             while self.step < cfg.steps:
                 if stop_after is not None and self.step >= stop_after:
@@ -588,13 +589,20 @@ class _Loop:
                 if self.step == cfg.steps:
                     self.checkpoint()  # the final one may fall mid-episode; it is not resumed
                 elif done:
-                    if self.step >= self.next_checkpoint:
-                        self.next_checkpoint = (self.step // cfg.checkpoint_every + 1) * (
-                            cfg.checkpoint_every
-                        )
+                    out_of_time = deadline is not None and time.perf_counter() >= deadline
+                    if self.step >= self.next_checkpoint or out_of_time:
+                        if self.step >= self.next_checkpoint:
+                            self.next_checkpoint = (self.step // cfg.checkpoint_every + 1) * (
+                                cfg.checkpoint_every
+                            )
                         self.wall_s += time.perf_counter() - tick
                         tick, tick_step = time.perf_counter(), self.step
                         self.checkpoint()
+                    if out_of_time:
+                        bar.write(f"{self.run_dir}: stopped at step {self.step} after "
+                                  f"time_limit_s={cfg.time_limit_s:g}; go on with `flatworld "
+                                  f"train --resume {self.run_dir}`")  # fmt: skip
+                        return
                     obs, t, ep_return = self._reset(), 0, 0.0
         finally:
             bar.close()

@@ -89,7 +89,8 @@ class DreamerAgent:
             state, action = prev, prev["action"]
         post = seq.obs_step(state, action, self.world_model.embed(self._obs(obs)))
         params = self.ac.actor(seq.feat(post))
-        a = self.ac.actor.mode(params) if eval_mode else self.ac.actor.sample(params)
+        greedy = eval_mode and self.cfg.eval_policy == "mode"
+        a = self.ac.actor.mode(params) if greedy else self.ac.actor.sample(params)
         if not self.discrete:
             a = a.clamp(-1.0, 1.0)
         self._act_state[key] = {**post, "action": a}  # the whole state (the TSSM's cache too)

@@ -23,6 +23,7 @@ SEQUENCE_MODELS = ("rssm", "transformer")  # DreamerV3's GRU; the TWISTER-style 
 # computes in bfloat16; the v1 settings followed here are fp32, the default); weights, optimizer
 # state, latent distributions and losses stay fp32.
 PRECISIONS = ("fp32", "bf16")
+EVAL_POLICIES = ("sample", "mode")  # DreamerV3 v1 samples the actor in evaluation episodes too
 
 
 def default_wm_optim() -> optim.OptimSpec:
@@ -89,6 +90,10 @@ class DreamerConfig:
     retnorm_max: float = 1.0  # returns are divided by max(1 / retnorm_max, high - low)
     actor_min_std: float = 0.1  # continuous actions
     actor_max_std: float = 1.0
+    eval_policy: str = field(default="sample", metadata={
+        "choices": EVAL_POLICIES, "help": "evaluation actions: 'sample' the actor, as "
+        "DreamerV3 v1 does (default), or take its 'mode' (argmax; the mean, clipped, for "
+        "continuous actions)"})
     # optimisation: the world-model optimizer is this spec; SAM or not is the spec's choice
     wm_optim: optim.OptimSpec = field(default_factory=default_wm_optim)
     wm_grad_clip: float = 1000.0
@@ -116,6 +121,7 @@ class DreamerConfig:
         check(self.sequence_model in SEQUENCE_MODELS, "sequence_model",
               f"one of {SEQUENCE_MODELS}")  # fmt: skip
         check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
+        check(self.eval_policy in EVAL_POLICIES, "eval_policy", f"one of {EVAL_POLICIES}")
         check(self.episodic in (None, True, False), "episodic",
               "None (follow the env suite), True or False")  # fmt: skip
         for k in ("deter", "units", "layers", "cnn_depth"):
