@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import numpy as np
 import pytest
@@ -98,6 +99,19 @@ def test_unknown_id_lists_close_matches():
         envs.make("dmc/walker-walk", action_repeat=0)
     with pytest.raises(ValueError, match="obs='depth'"):
         envs.make("dmc/walker-walk", obs="depth")
+
+
+def test_without_dm_control_other_suites_work_and_dmc_says_how_to_install(monkeypatch):
+    # As on a machine with ale-py alone: nothing outside dmc/ may import dm_control.
+    monkeypatch.setitem(sys.modules, "dm_control", None)  # `import dm_control` now fails
+    monkeypatch.setattr(envs, "_installed", lambda m: m != "dm_control")
+    suites = envs.list_envs()
+    assert not suites["dmc"].available and suites["dmc"].ids == ()
+    assert envs.terminates("gym/CartPole-v1") and not envs.terminates("dmc/walker-walk")
+    env = envs.make("gym/CartPole-v1", seed=0)
+    assert env.action_space.n == 2
+    with pytest.raises(envs.MissingDependencyError, match=r"dmc/ tasks need dm-control: pip"):
+        envs.make("dmc/walker-walk")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("humanoid_bench") is not None,

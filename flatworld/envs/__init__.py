@@ -32,6 +32,7 @@ __all__ = [
 ]  # fmt: skip
 
 SUITES = ("dmc", "gym", "humanoidbench", "atari")
+DMC_PIP = "pip install 'flatworld[envs]'"
 
 # Named sets of env ids (`flatworld envs --set NAME`).
 ENV_SETS: dict[str, tuple[str, ...]] = {
@@ -61,11 +62,11 @@ def _installed(module: str) -> bool:
 
 def list_envs() -> dict[str, Suite]:
     """Every suite and its env ids. HumanoidBench's list is static (see the README)."""
-    hb = _installed("humanoid_bench")
+    hb, has_dmc = _installed("humanoid_bench"), _installed("dm_control")
     return {
         # DMC tasks never terminate: every episode runs to its time limit.
-        "dmc": Suite("dmc", tuple(f"dmc/{t}" for t in dmc.task_ids()), _installed("dm_control"),
-                     "pip install 'flatworld[envs]'", terminates=False),
+        "dmc": Suite("dmc", tuple(f"dmc/{t}" for t in dmc.task_ids()) if has_dmc else (),
+                     has_dmc, DMC_PIP, terminates=False),
         # Gymnasium's locomotion tasks end when the body falls (Hopper, Walker2d, Ant, Humanoid).
         "gym": Suite("gym", tuple(f"gym/{t}" for t in gym_suite.gym_ids()), True,
                      "pip install 'flatworld[envs]'", terminates=True),
@@ -156,6 +157,8 @@ def _make(env_id: str, seed: int = 0, **options: Any) -> gym.Env:
         raise ValueError(f"seed={seed!r}: expected an int")
     suite, name = env_id.split("/", 1)
     if suite == "dmc":
+        if not _installed("dm_control"):
+            raise MissingDependencyError(f"dmc/ tasks need dm-control: {DMC_PIP}")
         task = dmc.resolve(name)
         if task is None:
             raise _unknown(env_id)
