@@ -11,8 +11,11 @@
 # Everything it writes lands in $OUT: log.txt, throughput.json, eval.json and runs.tar.gz (each
 # run's config.yaml and metrics.csv).
 #
-# On the device machine, with the wheels of ../shared/gpu/make-wheels.sh in .whl/ (carried):
+# On the device machine, with gymnasium's, ale-py's and farama-notifications' wheels from
+# ../shared/gpu/make-wheels.sh carried in .whl/ (nothing else: atari/ needs no MuJoCo):
 #   bash benchmarks/gpu_atari.sh
+# (The run in docs/gpu/ installed every wheel of make-wheels.sh and set MUJOCO_GL=egl first,
+# before flatworld.envs stopped importing dm_control for atari/ ids.)
 # Here, a CPU rehearsal of the script itself (tiny runs, minutes):
 #   OUT=/tmp/gpu-out INSTALL_WHEELS=0 DEVICE=cpu PY=.venv/bin/python LIMIT=20 SIZE=XS RUNS="d dreamer 1" \
 #     BENCH_ARGS=--quick PRE_STEPS=1200 LEARN_ARGS="--batch-size 2 --seq-len 8 --train-ratio 4" \
