@@ -32,7 +32,7 @@ __all__ = [
 ]  # fmt: skip
 
 SUITES = ("dmc", "gym", "humanoidbench", "atari")
-DMC_PIP = "pip install 'flatworld[envs]'"
+ENVS_PIP = "pip install 'flatworld[envs]'"
 
 # Named sets of env ids (`flatworld envs --set NAME`).
 ENV_SETS: dict[str, tuple[str, ...]] = {
@@ -66,10 +66,10 @@ def list_envs() -> dict[str, Suite]:
     return {
         # DMC tasks never terminate: every episode runs to its time limit.
         "dmc": Suite("dmc", tuple(f"dmc/{t}" for t in dmc.task_ids()) if has_dmc else (),
-                     has_dmc, DMC_PIP, terminates=False),
+                     has_dmc, ENVS_PIP, terminates=False),
         # Gymnasium's locomotion tasks end when the body falls (Hopper, Walker2d, Ant, Humanoid).
-        "gym": Suite("gym", tuple(f"gym/{t}" for t in gym_suite.gym_ids()), True,
-                     "pip install 'flatworld[envs]'", terminates=True),
+        "gym": Suite("gym", tuple(f"gym/{t}" for t in gym_suite.gym_ids()), True, ENVS_PIP,
+                     terminates=True),
         # HumanoidBench's tasks end when the robot falls.
         "humanoidbench": Suite(
             "humanoidbench", tuple(f"humanoidbench/{t}" for t in gym_suite.humanoidbench_ids()),
@@ -158,7 +158,7 @@ def _make(env_id: str, seed: int = 0, **options: Any) -> gym.Env:
     suite, name = env_id.split("/", 1)
     if suite == "dmc":
         if not _installed("dm_control"):
-            raise MissingDependencyError(f"dmc/ tasks need dm-control: {DMC_PIP}")
+            raise MissingDependencyError(f"dmc/ tasks need dm-control: {ENVS_PIP}")
         task = dmc.resolve(name)
         if task is None:
             raise _unknown(env_id)

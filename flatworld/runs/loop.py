@@ -589,12 +589,13 @@ class _Loop:
                 if self.step == cfg.steps:
                     self.checkpoint()  # the final one may fall mid-episode; it is not resumed
                 elif done:
+                    due = self.step >= self.next_checkpoint
                     out_of_time = deadline is not None and time.perf_counter() >= deadline
-                    if self.step >= self.next_checkpoint or out_of_time:
-                        if self.step >= self.next_checkpoint:
-                            self.next_checkpoint = (self.step // cfg.checkpoint_every + 1) * (
-                                cfg.checkpoint_every
-                            )
+                    if due:
+                        self.next_checkpoint = (self.step // cfg.checkpoint_every + 1) * (
+                            cfg.checkpoint_every
+                        )
+                    if due or out_of_time:
                         self.wall_s += time.perf_counter() - tick
                         tick, tick_step = time.perf_counter(), self.step
                         self.checkpoint()
