@@ -3,7 +3,7 @@
 #   1. preflight: a tiny Dreamer and a tiny TWISTER run on atari/Breakout on the GPU, each
 #      through a checkpoint, a resume and `flatworld eval`; the script stops here if either
 #      fails, so a broken build costs seconds of GPU time, not minutes;
-#   2. benchmarks/dreamer_throughput.py on CUDA, fp32 and bf16 (JSON);
+#   2. benchmarks/dreamer_throughput.py on CUDA, fp32 and bf16 (JSON; BENCH=0 skips it);
 #   3. learning: Dreamer S and TWISTER S on atari/Breakout at the published settings (train
 #      ratio 1024: one update per agent step), and each at train ratio 256, five processes
 #      sharing the GPU, each stopped by --time-limit-s at an episode end; then `flatworld
@@ -70,10 +70,12 @@ for agent in dreamer twister; do
 done
 if [ "$ok" != 1 ]; then stamp "preflight FAILED: stopping"; exit 1; fi
 
-stamp "2. throughput"
-OMP_NUM_THREADS=8 timeout 100 "$PY" benchmarks/dreamer_throughput.py --devices "$DEVICE" \
-  --precision fp32 bf16 --threads 8 ${BENCH_ARGS:---repeats 3} >"$OUT/throughput.json" ||
-  stamp "throughput failed"
+if [ "${BENCH:-1}" = 1 ]; then  # BENCH=0: skip it (docs/gpu/ holds one run of it)
+  stamp "2. throughput"
+  OMP_NUM_THREADS=8 timeout 100 "$PY" benchmarks/dreamer_throughput.py --devices "$DEVICE" \
+    --precision fp32 bf16 --threads 8 ${BENCH_ARGS:---repeats 3} >"$OUT/throughput.json" ||
+    stamp "throughput failed"
+fi
 
 # name, agent, seed and extra flags of each run; "r256": train ratio 256 (an update every 4
 # agent steps), four times the env steps of the published 1024 for the same updates

@@ -40,6 +40,21 @@ def test_published_dreamerv3_curve_is_the_shipped_one():
     assert published_curve("dmc/cartpole-swingup", "unknown-agent") is None
 
 
+def test_published_dreamerv3_atari_curve_is_binned_per_seed():
+    # dreamerv3-atari100k-scores.json.gz, atari_pong, frames <= 10k: seed 0 -21, -21, -21;
+    # seed 1 -21, -19; seed 2 -21, -20; seed 3 -18, -19; seed 4 -20, -21
+    steps, mean, lo, hi = published_curve("atari/Pong", "dreamer")
+    assert steps[0] == 10_000 and steps[-1] == 400_000 and np.all(np.diff(steps) == 10_000)
+    assert mean[0] == pytest.approx((-21 - 20 - 20.5 - 18.5 - 20.5) / 5)
+    assert (lo[0], hi[0]) == (-21, -18.5)
+    assert np.all((lo <= mean) & (mean <= hi))
+    # names as flatworld.envs spells them; TWISTER is drawn beside DreamerV3's curve
+    np.testing.assert_array_equal(published_curve("atari/up_n_down", "twister")[1],
+                                  published_curve("atari/UpNDown", "dreamer")[1])  # fmt: skip
+    assert published_curve("atari/Pong", "tdmpc2") is None
+    assert published_curve("atari/Tetris", "dreamer") is None  # not an Atari-100k game
+
+
 def _run(folder: Path, agent: str, env: str, returns: list[float]) -> Path:
     folder.mkdir(parents=True)
     adam = {"wm_optim": {"base": "adam", "sam": None}}

@@ -29,7 +29,7 @@ DATA = Path(__file__).parent / "data"
 
 
 class Published(NamedTuple):
-    """Published DMC learning curves shipped in flatworld/experiments/data/<folder>."""
+    """Published learning curves shipped in flatworld/experiments/data/<folder>."""
 
     folder: str
     name: str
@@ -165,10 +165,16 @@ def bootstrap_band(ys: np.ndarray, reps: int = 1000, seed: int = 0) -> tuple[np.
 
 
 # -- published curves ------------------------------------------------------------------------
+ATARI_BIN = 10_000  # frames: the published Atari-100k points are averaged per seed over bins
+
+
 def published_curve(task: str, agent: str = "tdmpc2"
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:  # fmt: skip
     """(env steps, mean, min, max) of the published curve of `agent` (TD-MPC2's for tdmpc2,
-    DreamerV3's for dreamer and twister) on a DMC task, or None."""
+    DreamerV3's for dreamer and twister) on a DMC task or (DreamerV3's only) an Atari-100k
+    game, or None."""
+    if task.startswith("atari/") and PUBLISHED.get(agent) is _DREAMERV3:
+        return _atari100k_curve(task.split("/", 1)[1])
     if not task.startswith("dmc/") or agent not in PUBLISHED:
         return None
     name = task.split("/", 1)[1].lower().replace("_", "-")
@@ -188,6 +194,33 @@ def published_curve(task: str, agent: str = "tdmpc2"
         lows.append(r.min())
         highs.append(r.max())
     return np.array(xs), np.array(means), np.array(lows), np.array(highs)
+
+
+def _atari100k_curve(game: str) -> tuple[np.ndarray, ...] | None:
+    """DreamerV3's published Atari-100k evaluation returns of ``game`` (case, `_` and `-`
+    ignored): each seed's points averaged over bins of ATARI_BIN frames, (bin ends, mean, min,
+    max) over the seeds with a point in the bin. Steps are frames, as an Atari run's
+    ``env_steps``."""
+    import gzip
+    import json
+
+    key = game.lower().replace("_", "").replace("-", "")
+    with gzip.open(DATA / "dreamerv3-atari100k" / "scores.json.gz", "rt") as f:
+        runs = [r for r in json.load(f)
+                if r["task"].removeprefix("atari_").replace("_", "") == key]  # fmt: skip
+    if not runs:
+        return None
+    top = max(max(r["xs"]) for r in runs)
+    ends = np.arange(ATARI_BIN, top + ATARI_BIN, ATARI_BIN, dtype=float)
+    per_seed = np.full((len(runs), len(ends)), np.nan)
+    for i, r in enumerate(runs):
+        xs, ys = np.asarray(r["xs"], float), np.asarray(r["ys"], float)
+        b = np.ceil(xs / ATARI_BIN).astype(int) - 1  # x in (end - bin, end]
+        for j in np.unique(b[(b >= 0) & (b < len(ends))]):
+            per_seed[i, j] = ys[b == j].mean()
+    keep = ~np.isnan(per_seed).all(0)
+    vals = per_seed[:, keep]
+    return ends[keep], np.nanmean(vals, 0), np.nanmin(vals, 0), np.nanmax(vals, 0)
 
 
 # -- figures ---------------------------------------------------------------------------------
