@@ -81,6 +81,17 @@ def test_report_draws_the_published_curve_of_each_tasks_agent(tmp_path):
     assert (tmp_path / "report" / "curves.png").exists()
 
 
+def test_report_draws_dreamerv3_atari_curves_beside_twister_runs(tmp_path):
+    runs = [_run(tmp_path / "tw", "twister", "atari/Pong", [-21, -20, -19]),
+            _run(tmp_path / "td", "tdmpc2", "dmc/cartpole-swingup", [300, 600, 800])]  # fmt: skip
+    text = report(runs, tmp_path / "report", reps=50).read_text()
+    dotted = [line for line in text.splitlines() if line.startswith("Dotted")]
+    assert len(dotted) == 1 and "on atari/Pong:" in dotted[0]
+    assert "data/dreamerv3-atari100k" in dotted[0] and "bins of 10k" in dotted[0]
+    dashed = next(line for line in text.splitlines() if line.startswith("Dashed"))
+    assert "on dmc/cartpole-swingup:" in dashed and "every 100k" in dashed
+
+
 def test_first_evaluation_at_the_target(tmp_path, learning):
     path = tmp_path / "metrics.csv"
     rows = [  # (step, env_steps, eval_return, wall_s); "" where no evaluation was logged

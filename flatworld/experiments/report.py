@@ -36,13 +36,19 @@ class Published(NamedTuple):
     source: str
     style: str  # matplotlib line style ...
     style_name: str  # ... and its name in report.md
+    sampling: str  # how the points of the curve were taken, for report.md
 
 
+_DMC_SAMPLING = "It is sampled every 100k environment steps"
 _TDMPC2 = Published("tdmpc2", "TD-MPC2", "nicklashansen/tdmpc2 results/, 3 seeds", "--",
-                    "dashed")  # fmt: skip
+                    "dashed", _DMC_SAMPLING)  # fmt: skip
 _DREAMERV3 = Published("dreamerv3", "DreamerV3", "the DreamerV3 runs in nicklashansen/tdmpc2 "
-                       "results/dreamerv3/, 3 seeds", ":", "dotted")  # fmt: skip
-# The curves drawn beside each agent. TWISTER has no published DMC curves; it is DreamerV3
+                       "results/dreamerv3/, 3 seeds", ":", "dotted", _DMC_SAMPLING)  # fmt: skip
+_DREAMERV3_ATARI = Published("dreamerv3-atari100k", "DreamerV3", "its Atari-100k evaluation "
+                             "scores, 5 seeds", ":", "dotted",
+                             "Each seed's points are averaged over bins of 10k environment "
+                             "steps (frames) and drawn at each bin's end")  # fmt: skip
+# The curves drawn beside each agent. TWISTER has no published curves here; it is DreamerV3
 # with another sequence model.
 PUBLISHED = {"tdmpc2": _TDMPC2, "dreamer": _DREAMERV3, "twister": _DREAMERV3}
 
@@ -168,18 +174,28 @@ def bootstrap_band(ys: np.ndarray, reps: int = 1000, seed: int = 0) -> tuple[np.
 ATARI_BIN = 10_000  # frames: the published Atari-100k points are averaged per seed over bins
 
 
+def published(task: str, agent: str) -> Published | None:
+    """Which published curves go beside `agent`'s runs on `task` (a DMC task; an Atari game
+    for DreamerV3's), if any."""
+    ref = PUBLISHED.get(agent)
+    if task.startswith("atari/"):
+        return _DREAMERV3_ATARI if ref is _DREAMERV3 else None
+    return ref if task.startswith("dmc/") else None
+
+
 def published_curve(task: str, agent: str = "tdmpc2"
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:  # fmt: skip
     """(env steps, mean, min, max) of the published curve of `agent` (TD-MPC2's for tdmpc2,
     DreamerV3's for dreamer and twister) on a DMC task or (DreamerV3's only) an Atari-100k
     game, or None."""
-    if task.startswith("atari/") and PUBLISHED.get(agent) is _DREAMERV3:
+    ref = published(task, agent)
+    if ref is _DREAMERV3_ATARI:
         return _atari100k_curve(task.split("/", 1)[1])
-    if not task.startswith("dmc/") or agent not in PUBLISHED:
+    if ref is None:
         return None
     name = task.split("/", 1)[1].lower().replace("_", "-")
     name = name.replace("ball-in-cup-", "cup-").replace("point-mass-", "pointmass-")
-    path = DATA / PUBLISHED[agent].folder / f"{name}.csv"
+    path = DATA / ref.folder / f"{name}.csv"
     if not path.exists():
         return None
     raw = np.genfromtxt(path, delimiter=",", names=True)
@@ -270,7 +286,8 @@ def plot_curves(frame: Any, labels: list[str], tasks: list[str], path: Path,
                     label=f"{label} (n={len(curves)})")
             if len(curves) > 1:
                 ax.fill_between(xs, lo, hi, color=colors[label], alpha=0.2, linewidth=0)
-        refs = {PUBLISHED[a]: a for a in dict.fromkeys(tf["agent"]) if a in PUBLISHED}
+        refs = {published(task, a): a for a in dict.fromkeys(tf["agent"])}
+        refs.pop(None, None)
         for ref, agent in refs.items():
             pub = published_curve(task, agent)
             if pub is None or top <= 0:
@@ -527,9 +544,8 @@ def report(sources: Any, out: str | Path | None = None, title: str = "", reps: i
     for ref, on in drawn.items():
         lines += [f"{ref.style_name.capitalize()}: published {ref.name} ({ref.source}; shipped "
                   f"in flatworld/experiments/data/{ref.folder}), on {', '.join(on)}: the mean "
-                  "and range over its seeds, drawn over this sweep's steps. It is sampled every "
-                  "100k environment steps; between samples the line is a straight "
-                  "interpolation.", ""]  # fmt: skip
+                  f"and range over its seeds, drawn over this sweep's steps. {ref.sampling}; "
+                  "between samples the line is a straight interpolation.", ""]  # fmt: skip
     lines += ["## Figures", ""]
     for caption, name in figures:
         lines += [f"### {caption}", "", f"![{name.removesuffix('.png')}]({name})", ""]
