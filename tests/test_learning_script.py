@@ -14,7 +14,7 @@ import yaml
 
 from flatworld.agents.dreamer import TwisterConfig
 from flatworld.experiments import report
-from flatworld.experiments.report import published_curve
+from flatworld.experiments.report import atari_random, published_curve
 from flatworld.runs.logger import read_metrics
 
 
@@ -90,6 +90,17 @@ def test_report_draws_dreamerv3_atari_curves_beside_twister_runs(tmp_path):
     assert "data/dreamerv3-atari100k" in dotted[0] and "bins of 10k" in dotted[0]
     dashed = next(line for line in text.splitlines() if line.startswith("Dashed"))
     assert "on dmc/cartpole-swingup:" in dashed and "every 100k" in dashed
+    randoms = [line for line in text.splitlines() if line.startswith("Dash-dotted")]
+    assert len(randoms) == 1 and "on atari/Pong:" in randoms[0]
+
+
+def test_random_policy_score_of_an_atari_task():
+    pytest.importorskip("ale_py")
+    # flatworld/envs/data/atari100k.csv: Pong,-20.7,14.6,...; Breakout,1.7,30.5,...
+    assert atari_random("atari/Pong") == pytest.approx(-20.7)
+    assert atari_random("atari/breakout") == pytest.approx(1.7)
+    assert atari_random("dmc/cartpole-swingup") is None
+    assert atari_random("atari/Tetris") is None  # not in the table
 
 
 def test_first_evaluation_at_the_target(tmp_path, learning):

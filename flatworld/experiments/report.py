@@ -212,6 +212,23 @@ def published_curve(task: str, agent: str = "tdmpc2"
     return np.array(xs), np.array(means), np.array(lows), np.array(highs)
 
 
+def atari_random(task: str) -> float | None:
+    """A random policy's score on an Atari task, from the packaged random/human table (the
+    zero of the human-normalised score); None for other tasks, games outside the table, or
+    without ale-py's extra installed."""
+    if not task.startswith("atari/"):
+        return None
+    try:
+        from flatworld.envs.atari import human_normalized
+    except ImportError:
+        return None
+    try:  # score = random + hns * (human - random): the score whose hns is 0
+        hns0, hns1 = human_normalized(task, 0.0), human_normalized(task, 1.0)
+    except ValueError:
+        return None
+    return -hns0 / (hns1 - hns0)
+
+
 def _atari100k_curve(game: str) -> tuple[np.ndarray, ...] | None:
     """DreamerV3's published Atari-100k evaluation returns of ``game`` (case, `_` and `-`
     ignored): each seed's points averaged over bins of ATARI_BIN frames, (bin ends, mean, min,
@@ -286,6 +303,10 @@ def plot_curves(frame: Any, labels: list[str], tasks: list[str], path: Path,
                     label=f"{label} (n={len(curves)})")
             if len(curves) > 1:
                 ax.fill_between(xs, lo, hi, color=colors[label], alpha=0.2, linewidth=0)
+        random_score = atari_random(task)
+        if random_score is not None and top > 0:
+            ax.axhline(random_score, color="0.5", linestyle="-.", linewidth=1.0,
+                       label="random policy (score table)")  # fmt: skip
         refs = {published(task, a): a for a in dict.fromkeys(tf["agent"])}
         refs.pop(None, None)
         for ref, agent in refs.items():
@@ -546,6 +567,11 @@ def report(sources: Any, out: str | Path | None = None, title: str = "", reps: i
                   f"in flatworld/experiments/data/{ref.folder}), on {', '.join(on)}: the mean "
                   f"and range over its seeds, drawn over this sweep's steps. {ref.sampling}; "
                   "between samples the line is a straight interpolation.", ""]  # fmt: skip
+    randoms = [t for t in tasks if atari_random(t) is not None]
+    if randoms:
+        lines += [f"Dash-dotted grey, on {', '.join(randoms)}: a random policy's score in the "
+                  "packaged random/human table (flatworld/envs/data/atari100k.csv), the zero of "
+                  "the human-normalised score.", ""]  # fmt: skip
     lines += ["## Figures", ""]
     for caption, name in figures:
         lines += [f"### {caption}", "", f"![{name.removesuffix('.png')}]({name})", ""]
