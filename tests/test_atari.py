@@ -180,11 +180,14 @@ def test_human_normalized_table():
     for game, row in table.items():
         assert atari.human_normalized(game, row["human"]) == pytest.approx(1.0)
         assert atari.human_normalized(f"atari/{game}", row["random"]) == pytest.approx(0.0)
+        assert atari.random_score(f"atari/{game.lower()}") == row["random"]
     assert atari.human_normalized("Breakout", 1.7 + 2 * 28.8) == pytest.approx(2.0)
     hns = [atari.human_normalized(g, r["dreamerv3_v1"]) for g, r in table.items()]
     assert np.mean(hns) == pytest.approx(1.124, abs=5e-4)  # the published mean, recomputed
     with pytest.raises(ValueError, match="Pong"):
         atari.human_normalized("Pongg", 0.0)
+    with pytest.raises(ValueError, match="Pong"):
+        atari.random_score("Pongg")
 
 
 def test_gymnasium_env_checker():

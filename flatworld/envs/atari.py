@@ -13,8 +13,9 @@ ale-py wheel (`pip install 'flatworld[atari]'`). The protocol, by default:
 - episodes truncate at 108,000 emulator frames (27,000 agent steps);
 - rewards are the game's score changes, summed over the repeat and never clipped.
 
-`human_normalized(game, score)` gives (score - random) / (human - random) from the packaged
-table `data/atari100k.csv` (sources in `data/README.md`).
+`human_normalized(game, score)` gives (score - random) / (human - random), and
+`random_score(game)` the random policy's score, from the packaged table `data/atari100k.csv`
+(sources in `data/README.md`).
 """
 
 from __future__ import annotations
@@ -267,8 +268,8 @@ def score_table() -> dict[str, dict[str, float]]:
     return {game: dict(row) for game, row in _table().items()}
 
 
-def human_normalized(game: str, score: float) -> float:
-    """(score - random) / (human - random) for a game of the table (`Pong` or `atari/Pong`)."""
+def _scores_of(game: str) -> dict[str, float]:
+    """The table's row of a game (`Pong` or `atari/Pong`; case, `_` and `-` ignored)."""
     name = game.removeprefix("atari/")
     table = _table()
     match = {_key(g): g for g in table}.get(_key(name))
@@ -276,5 +277,15 @@ def human_normalized(game: str, score: float) -> float:
         close = difflib.get_close_matches(name, list(table), n=5, cutoff=0.5)
         raise ValueError(f"no random/human scores for {game!r}; close matches: "
                          f"{close or 'none'}; the table has {sorted(table)}")  # fmt: skip
-    row = table[match]
+    return table[match]
+
+
+def human_normalized(game: str, score: float) -> float:
+    """(score - random) / (human - random) for a game of the table (`Pong` or `atari/Pong`)."""
+    row = _scores_of(game)
     return (float(score) - row["random"]) / (row["human"] - row["random"])
+
+
+def random_score(game: str) -> float:
+    """A uniformly random policy's score in the table (the zero of ``human_normalized``)."""
+    return _scores_of(game)["random"]

@@ -219,14 +219,13 @@ def atari_random(task: str) -> float | None:
     if not task.startswith("atari/"):
         return None
     try:
-        from flatworld.envs.atari import human_normalized
+        from flatworld.envs.atari import random_score
     except ImportError:
         return None
-    try:  # score = random + hns * (human - random): the score whose hns is 0
-        hns0, hns1 = human_normalized(task, 0.0), human_normalized(task, 1.0)
+    try:
+        return random_score(task)
     except ValueError:
         return None
-    return -hns0 / (hns1 - hns0)
 
 
 def _atari100k_curve(game: str) -> tuple[np.ndarray, ...] | None:
