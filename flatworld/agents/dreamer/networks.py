@@ -101,6 +101,8 @@ def onehot_rows(onehot: Tensor, index: Tensor, rows: Tensor) -> Tensor:
     """``onehot @ rows`` (..., out) for ``onehot`` (..., S * C) whose every group of C is
     one-hot (exactly 0/1) at the columns ``index`` (..., S) (see :func:`onehot_index`), and
     ``rows`` (S * C, out): a layer kept in that layout needs no transpose per call."""
+    if onehot.dim() == 2:  # the product itself, not a view of it: callers add into it in place
+        return _OneHotRows.apply(onehot, index, rows)
     lead = onehot.shape[:-1]
     out = _OneHotRows.apply(onehot.reshape(-1, onehot.shape[-1]),
                             index.reshape(-1, index.shape[-1]), rows)  # fmt: skip
@@ -137,15 +139,19 @@ def feed(net: nn.Sequential | nn.Linear, x: Tensor | OneHotFeat) -> Tensor:
     first = layers[0]
     linear = first[0] if isinstance(first, Dense) else first
     d, w = x.dense.shape[-1], linear.weight
-    h = onehot_matmul(x.onehot, x.index, w[:, d:])
+    lead = x.dense.shape[:-1]
+    # In 2-D throughout: an in-place op on a view would make autograd copy the whole gradient.
+    h = onehot_matmul(x.onehot.reshape(-1, x.onehot.shape[-1]),
+                      x.index.reshape(-1, x.index.shape[-1]), w[:, d:])  # fmt: skip
     if d > 0:
-        dense, flat = x.dense.reshape(-1, d), h.view(-1, h.shape[-1])
+        dense = x.dense.reshape(-1, d)
         if torch.is_autocast_enabled(h.device.type):  # autocast casts out-of-place ops only
-            h = torch.addmm(flat, dense, w[:, :d].t()).view(h.shape)
+            h = torch.addmm(h, dense, w[:, :d].t())
         else:  # in place, into the fresh sum: an out-of-place addmm would first copy it
-            flat.addmm_(dense, w[:, :d].t())
+            h.addmm_(dense, w[:, :d].t())
     if linear.bias is not None:
         h.add_(linear.bias)
+    h = h.view(*lead, h.shape[-1])
     rest = list(first)[1:] if isinstance(first, Dense) else []
     for layer in rest + layers[1:]:
         h = layer(h)
