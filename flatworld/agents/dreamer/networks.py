@@ -98,15 +98,12 @@ class _OneHotRows(torch.autograd.Function):
 
 
 def onehot_rows(onehot: Tensor, index: Tensor, rows: Tensor) -> Tensor:
-    """``onehot @ rows`` (..., out) for ``onehot`` (..., S * C) whose every group of C is
-    one-hot (exactly 0/1) at the columns ``index`` (..., S) (see :func:`onehot_index`), and
-    ``rows`` (S * C, out): a layer kept in that layout needs no transpose per call."""
-    if onehot.dim() == 2:  # the product itself, not a view of it: callers add into it in place
-        return _OneHotRows.apply(onehot, index, rows)
-    lead = onehot.shape[:-1]
-    out = _OneHotRows.apply(onehot.reshape(-1, onehot.shape[-1]),
-                            index.reshape(-1, index.shape[-1]), rows)  # fmt: skip
-    return out.reshape(*lead, rows.shape[1])
+    """``onehot @ rows`` (N, out) for ``onehot`` (N, S * C) whose every group of C is one-hot
+    (exactly 0/1) at the columns ``index`` (N, S) (see :func:`onehot_index`), and ``rows``
+    (S * C, out): a layer kept in that layout needs no transpose per call. 2-D only: callers
+    add into the product in place, and an in-place op on a view of it would make autograd
+    copy the whole gradient."""
+    return _OneHotRows.apply(onehot, index, rows)
 
 
 def onehot_matmul(onehot: Tensor, index: Tensor, weight: Tensor) -> Tensor:
@@ -140,7 +137,6 @@ def feed(net: nn.Sequential | nn.Linear, x: Tensor | OneHotFeat) -> Tensor:
     linear = first[0] if isinstance(first, Dense) else first
     d, w = x.dense.shape[-1], linear.weight
     lead = x.dense.shape[:-1]
-    # In 2-D throughout: an in-place op on a view would make autograd copy the whole gradient.
     h = onehot_matmul(x.onehot.reshape(-1, x.onehot.shape[-1]),
                       x.index.reshape(-1, x.index.shape[-1]), w[:, d:])  # fmt: skip
     if d > 0:
