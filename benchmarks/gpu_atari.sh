@@ -4,12 +4,15 @@
 #      through a checkpoint, a resume and `flatworld eval`; the script stops here if either
 #      fails, so a broken build costs seconds of GPU time, not minutes;
 #   2. benchmarks/dreamer_throughput.py on CUDA, fp32 and bf16 (JSON; BENCH=0 skips it);
+#   2b. benchmarks/gpu_graphs.py: the update replayed as CUDA graphs against the eager update
+#      (the same numbers? how much faster?); if it passes, the learning runs use --cuda-graphs
+#      (CHECK_GRAPHS=0 skips the check and runs eagerly);
 #   3. learning: Dreamer S and TWISTER S on atari/Breakout at the published settings (train
-#      ratio 1024: one update per agent step), and each at train ratio 256, five processes
-#      sharing the GPU, each stopped by --time-limit-s at an episode end; then `flatworld
-#      eval` (10 episodes, the Atari-100k protocol) on each run's last checkpoint.
-# Everything it writes lands in $OUT: log.txt, throughput.json, eval.json and runs.tar.gz (each
-# run's config.yaml and metrics.csv).
+#      ratio 1024: one update per agent step), sharing the GPU (RUNS= sets other runs), each
+#      stopped by --time-limit-s at an episode end; then `flatworld eval` (10 episodes, the
+#      Atari-100k protocol) on each run's last checkpoint.
+# Everything it writes lands in $OUT: log.txt, throughput.json, graphs.json, eval.json and
+# runs.tar.gz (each run's config.yaml and metrics.csv).
 #
 # On the device machine, with gymnasium's, ale-py's and farama-notifications' wheels from
 # ../shared/gpu/make-wheels.sh carried in .whl/ (nothing else: atari/ needs no MuJoCo):
@@ -18,13 +21,13 @@
 # before flatworld.envs stopped importing dm_control for atari/ ids.)
 # Here, a CPU rehearsal of the script itself (tiny runs, minutes):
 #   OUT=/tmp/gpu-out INSTALL_WHEELS=0 DEVICE=cpu PY=.venv/bin/python LIMIT=20 SIZE=XS RUNS="d dreamer 1" \
-#     BENCH_ARGS=--quick PRE_STEPS=1200 LEARN_ARGS="--batch-size 2 --seq-len 8 --train-ratio 4" \
-#     bash benchmarks/gpu_atari.sh
+#     BENCH_ARGS=--quick GRAPHS_ARGS="--quick --batch 4 --seq-len 16 --repeats 3" PRE_STEPS=1200 \
+#     LEARN_ARGS="--batch-size 2 --seq-len 8 --train-ratio 4" bash benchmarks/gpu_atari.sh
 set -u
 : "${OUT:?set OUT to the folder for the results}"
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
-LIMIT=${LIMIT:-240}     # seconds of training per learning run
+LIMIT=${LIMIT:-360}     # seconds of training per learning run
 SIZE=${SIZE:-S}         # model size of the learning runs
 GAME=${GAME:-atari/Breakout}
 mkdir -p "$OUT"
@@ -77,11 +80,22 @@ if [ "${BENCH:-1}" = 1 ]; then  # BENCH=0: skip it (docs/gpu/ holds one run of i
     stamp "throughput failed"
 fi
 
+GRAPHS=""
+if [ "${CHECK_GRAPHS:-1}" = 1 ]; then  # CHECK_GRAPHS=0: eager updates, no check
+  stamp "2b. CUDA graphs against the eager update (benchmarks/gpu_graphs.py)"
+  if (cd benchmarks && OMP_NUM_THREADS=8 timeout 240 "$PY" gpu_graphs.py --device "$DEVICE" \
+      ${GRAPHS_ARGS:-}) >"$OUT/graphs.json"; then
+    GRAPHS="--cuda-graphs"
+  else
+    stamp "graphs check failed or timed out: the learning runs update eagerly"
+  fi
+fi
+
 # name, agent, seed and extra flags of each run; "r256": train ratio 256 (an update every 4
-# agent steps), four times the env steps of the published 1024 for the same updates
-RUNS=${RUNS:-"dreamer-s1 dreamer 1 ;dreamer-s2 dreamer 2 ;dreamer-r256-s1 dreamer 1 --train-ratio 256
-;twister-s1 twister 1 ;twister-r256-s1 twister 1 --train-ratio 256"}
-stamp "3. learning ($SIZE, $GAME, ${LIMIT} s each)"
+# agent steps), four times the env steps of the published 1024 for the same updates. Two runs
+# by default: with graphs each update is short, and fewer processes share the GPU's time.
+RUNS=${RUNS:-"dreamer-s1 dreamer 1 ;twister-s1 twister 1"}
+stamp "3. learning ($SIZE, $GAME, ${LIMIT} s each, ${GRAPHS:-eager})"
 names=() pids=()
 while IFS=' ' read -r name agent seed extra; do
   [ -n "$name" ] || continue
@@ -89,7 +103,7 @@ while IFS=' ' read -r name agent seed extra; do
   OMP_NUM_THREADS=3 fw train "$agent" --env "$GAME" --model-size "$SIZE" --seed "$seed" \
     --steps 100000 --time-limit-s "$LIMIT" --eval-every 2000 --eval-episodes 5 \
     --diag-every 2000 --log-every 500 --device "$DEVICE" --no-progress \
-    --run-dir "$runs/$name" ${LEARN_ARGS:-} $extra >"$runs/$name.log" 2>&1 &
+    --run-dir "$runs/$name" $GRAPHS ${LEARN_ARGS:-} $extra >"$runs/$name.log" 2>&1 &
   pids+=($!)
 done <<<"$(tr ';' '\n' <<<"$RUNS")"
 for p in "${pids[@]}"; do wait "$p" || stamp "a learning run failed"; done  # not the tee

@@ -198,6 +198,13 @@ class ActorCritic(nn.Module):
     def update(self, wm: nn.Module, start: State, cont0: Tensor,
                actor_optim: torch.optim.Optimizer, critic_optim: torch.optim.Optimizer
                ) -> dict[str, Tensor]:  # fmt: skip
+        metrics = self.backward(wm, start, cont0)
+        self.step(actor_optim, critic_optim)
+        return metrics
+
+    def backward(self, wm: nn.Module, start: State, cont0: Tensor) -> dict[str, Tensor]:
+        """The losses, their gradients (clipped) in the actor's and the critic's ``.grad``, and
+        the metrics: the part of :meth:`update` that a CUDA graph captures."""
         cfg = self.cfg
         with compute_precision(cont0.device, cfg.precision):
             actor_loss, critic_loss, metrics = self.losses(wm, start, cont0)
@@ -211,12 +218,16 @@ class ActorCritic(nn.Module):
                                                      foreach=True)  # fmt: skip
         metrics["critic_grad_norm"] = clip_grad_norm_(critic_params, cfg.critic_grad_clip,
                                                       foreach=True)  # fmt: skip
+        return metrics
+
+    def step(self, actor_optim: torch.optim.Optimizer,
+             critic_optim: torch.optim.Optimizer) -> None:  # fmt: skip
+        """The optimizer steps on the gradients :meth:`backward` left, and the slow critic."""
         actor_optim.step()
         critic_optim.step()
         actor_optim.zero_grad(set_to_none=True)
         critic_optim.zero_grad(set_to_none=True)
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.slow_critic.parameters()), critic_params,
-                                 cfg.slow_critic_fraction)  # fmt: skip
-        return metrics
-
+            torch._foreach_lerp_(list(self.slow_critic.parameters()),
+                                 list(self.critic.parameters()),
+                                 self.cfg.slow_critic_fraction)  # fmt: skip

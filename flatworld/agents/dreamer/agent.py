@@ -10,6 +10,11 @@ One update, top to bottom:
   3. the actor-critic step in imagination from those posterior states: the states of the
      unperturbed weights, whichever optimizer trained the world model.
 The actor and the critic cannot tell which optimizer trained the world model.
+
+With ``cuda_graphs`` the world-model pass (targets included, so they are computed in each pass)
+and the actor-critic's losses and backward replay CUDA graphs (``flatworld.nn.graphs``); the
+optimizer steps, SAM's perturbation and the random-stream replay run between the replays, and
+the numbers are the eager path's.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from flatworld.agents.dreamer.config import DreamerConfig
 from flatworld.agents.dreamer.networks import compute_precision
 from flatworld.agents.dreamer.world_model import WorldModel
 from flatworld.nn import rng_state, set_rng_state
+from flatworld.nn.graphs import CapturedStep, clone_tree
 
 
 def _copy_state(state: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
@@ -64,6 +70,16 @@ class DreamerAgent:
                                              eps=cfg.critic_eps, **fused)  # fmt: skip
         self._act_state: dict[str, dict[str, Any]] = {}  # "train" and "eval" episodes
         self.updates = 0
+        # cuda_graphs: the world-model pass and the actor-critic's backward each captured in a
+        # CUDA graph (on a CPU: the same static-tensor path, run eagerly); optimizer steps,
+        # SAM's perturbation and the random-stream replay stay on the host side of the graphs.
+        self._graphs: tuple[CapturedStep, CapturedStep] | None = None
+        if cfg.cuda_graphs:
+            ac_params = [*self.ac.actor.parameters(), *self.ac.critic.parameters()]
+            self._graphs = (
+                CapturedStep(lambda b: self._wm_backward(self.prepare(b)), self._wm_params,
+                             self.device),
+                CapturedStep(self._ac_backward, ac_params, self.device))  # fmt: skip
 
     def _precision(self) -> torch.autocast:
         return compute_precision(self.device, self.cfg.precision)
@@ -119,8 +135,8 @@ class DreamerAgent:
 
     # ---- one update ----------------------------------------------------------------------
     def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        cfg = self.cfg
-        data = self.prepare(batch)
+        graphed = self._graphs is not None
+        data = None if graphed else self.prepare(batch)
         first: dict[str, Any] = {"calls": 0}
 
         def closure() -> Tensor:
@@ -132,15 +148,13 @@ class DreamerAgent:
                 first["rng"] = rng_state(self.device)
             else:
                 set_rng_state(first["rng"], self.device)
-            loss, parts, post = self.world_model.loss(data)
-            loss.backward()
-            # Each pass clips its own gradient by the same rule. Clipping is a uniform scale,
-            # so the ascent direction g/|g| is unchanged and the SAM gradient is clipped as a
-            # plain gradient would be.
-            norm = clip_grad_norm_(self._wm_params, cfg.wm_grad_clip, foreach=True)
+            if graphed:  # a replay's outputs are overwritten by the next replay: keep copies
+                loss, parts, post, norm, cont = clone_tree(self._graphs[0](batch))
+            else:
+                loss, parts, post, norm, cont = self._wm_backward(data)
             if k == 0:  # imagination starts from the unperturbed weights' posteriors
                 first.update(parts, post={k2: v.detach() for k2, v in post.items()},
-                             wm_grad_norm=norm)  # fmt: skip
+                             wm_grad_norm=norm, cont=cont)  # fmt: skip
             return loss
 
         self.world_model.train()
@@ -148,9 +162,12 @@ class DreamerAgent:
         self.wm_optim.step(closure)
         self.wm_optim.zero_grad(set_to_none=True)
 
-        start = self.world_model.seq.imagine_start(first["post"])
-        cont0 = data["cont"].flatten(0, 1)
-        ac = self.train_actor_critic(start, cont0)
+        cont0 = first["cont"].flatten(0, 1)
+        if graphed:
+            ac = dict(self._graphs[1](first["post"], cont0))
+            self.ac.step(self.actor_optim, self.critic_optim)
+        else:
+            ac = self.train_actor_critic(self.world_model.seq.imagine_start(first["post"]), cont0)
         self.updates += 1
         keys = ["wm_loss", "recon_loss", "reward_loss", "cont_loss", "dyn_loss", "rep_loss", "kl",
                 "wm_grad_norm"] + (["cpc_loss"] if "cpc_loss" in first else [])
@@ -159,6 +176,20 @@ class DreamerAgent:
         out = dict(zip(keys + list(ac), torch.stack(vals), strict=True))
         out["sam_passes"] = torch.tensor(float(first["calls"]))
         return out
+
+    def _wm_backward(self, data: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor],
+                                                             dict[str, Tensor], Tensor, Tensor]:
+        """One world-model pass: the loss, its gradient in ``.grad``, clipped (each pass clips
+        its own by the same rule: a uniform scale, so SAM's ascent direction g/|g| is
+        unchanged and the SAM gradient is clipped as a plain one would be), the loss's parts,
+        the posterior states, the gradient's norm and the continue flags."""
+        loss, parts, post = self.world_model.loss(data)
+        loss.backward()
+        norm = clip_grad_norm_(self._wm_params, self.cfg.wm_grad_clip, foreach=True)
+        return loss, parts, post, norm, data["cont"]
+
+    def _ac_backward(self, post: dict[str, Tensor], cont0: Tensor) -> dict[str, Tensor]:
+        return self.ac.backward(self.world_model, self.world_model.seq.imagine_start(post), cont0)
 
     def train_actor_critic(self, start: dict[str, Tensor], cont0: Tensor) -> dict[str, Tensor]:
         """The actor-critic step from start states (N, ...), with 1 - terminated there."""
