@@ -83,8 +83,8 @@ fi
 GRAPHS=""
 if [ "${CHECK_GRAPHS:-1}" = 1 ]; then  # CHECK_GRAPHS=0: eager updates, no check
   stamp "2b. CUDA graphs against the eager update (benchmarks/gpu_graphs.py)"
-  if (cd benchmarks && OMP_NUM_THREADS=8 timeout 240 "$PY" gpu_graphs.py --device "$DEVICE" \
-      ${GRAPHS_ARGS:-}) >"$OUT/graphs.json"; then
+  if OMP_NUM_THREADS=8 timeout 240 "$PY" benchmarks/gpu_graphs.py --device "$DEVICE" \
+      ${GRAPHS_ARGS:-} >"$OUT/graphs.json"; then
     GRAPHS="--cuda-graphs"
   else
     stamp "graphs check failed or timed out: the learning runs update eagerly"

@@ -57,7 +57,7 @@ class ReplayBuffer:
         self.episode_rows = 0  # rows of the current episode
         self.longest = 0  # most rows any episode has had
         self.generator = torch.Generator().manual_seed(seed)
-        self._scratch: dict[tuple[str, int], Tensor] = {}  # see _gather
+        self._scratch: dict[tuple[str, int, str], Tensor] = {}  # see _gather
 
     def __len__(self) -> int:
         return self.size
@@ -174,7 +174,9 @@ class ReplayBuffer:
         With ``out`` (a batch an earlier call returned, of the same shapes), the rows are
         gathered straight into its tensors, so a training loop allocates its batch once. On the
         CPU a float32 field goes in with no intermediate copy; a uint8 or bool field passes
-        through a scratch tensor of its own dtype, also kept."""
+        through a scratch tensor of its own dtype, also kept. For another device the rows
+        travel in their own dtype (pixels as uint8, a quarter of float32's bytes) and are
+        converted there."""
         shapes = {name: (*idx.shape, *self._item_shape(name)) for name, idx in rows.items()}
         if out is None:
             out = {name: torch.empty(shape, dtype=torch.float32, device=device)
@@ -189,13 +191,27 @@ class ReplayBuffer:
             if field.dtype == target.dtype and target.device.type == "cpu":
                 torch.index_select(field, 0, flat, out=target.view(-1, *field.shape[1:]))
                 continue
-            key = (name, flat.numel())
-            scratch = self._scratch.get(key)
-            if scratch is None:
-                scratch = self._scratch[key] = field.new_empty(flat.numel(), *field.shape[1:])
+            scratch = self._scratch_for(name, field, flat.numel(), field.device,
+                                        pin=target.device.type == "cuda")  # fmt: skip
             torch.index_select(field, 0, flat, out=scratch)
+            if target.device != field.device and target.dtype != field.dtype:
+                staged = self._scratch_for(name, field, flat.numel(), target.device)
+                staged.copy_(scratch)
+                scratch = staged
             target.copy_(scratch.view(shape))
         return out
+
+    def _scratch_for(self, name: str, field: Tensor, rows: int, device: torch.device,
+                     pin: bool = False) -> Tensor:  # fmt: skip
+        """A kept tensor of ``rows`` rows of ``field``'s dtype on ``device`` (pinned host
+        memory, when ``pin``, so that it copies to the GPU fast)."""
+        key = (name, rows, str(device))
+        scratch = self._scratch.get(key)
+        if scratch is None:
+            scratch = torch.empty(rows, *field.shape[1:], dtype=field.dtype, device=device,
+                                  pin_memory=pin and device.type == "cpu")  # fmt: skip
+            self._scratch[key] = scratch
+        return scratch
 
     def _field(self, name: str) -> Tensor:
         return self.first if name == "is_first" else getattr(self, name)
