@@ -13,7 +13,10 @@ and prints JSON:
   and ``h_and_sample``;
 - ``recon_mse`` and ``obs_var`` per dimension: the decoder's squared error from posterior
   samples, beside the observations' variance (a decoder that knew nothing would score about
-  the variance).
+  the variance);
+- ``episode_ends`` (``gym/CartPole-v1`` runs only): how many episodes ended with the cart out of
+  bounds, with the pole past 12 degrees, or with neither (the time limit), read from each
+  episode's last observation.
 
     python benchmarks/latent_probe.py runs/twister-dec10-s1 --episodes 20
 """
@@ -70,6 +73,19 @@ def representations(agent: Any, obs: Tensor, actions: Tensor) -> dict[str, Tenso
             "logp": post["logits"][:, 0]}  # fmt: skip
 
 
+# Gymnasium CartPole-v1 terminates when |x| > 2.4 or |angle| > 12 degrees.
+CARTPOLE_X_LIMIT, CARTPOLE_ANGLE_LIMIT = 2.4, 12 * 2 * math.pi / 360
+
+
+def episode_ends(last_obs: Tensor) -> dict[str, int]:
+    """How CartPole episodes ended, from their last observations (episodes, 4): x, x-dot,
+    angle, angle-dot."""
+    cart_out = last_obs[:, 0].abs() > CARTPOLE_X_LIMIT
+    pole_fell = ~cart_out & (last_obs[:, 2].abs() > CARTPOLE_ANGLE_LIMIT)
+    return {"cart_out": int(cart_out.sum()), "pole_fell": int(pole_fell.sum()),
+            "time_limit": int((~cart_out & ~pole_fell).sum())}  # fmt: skip
+
+
 def ridge_r2(x: Tensor, y: Tensor, train: Tensor, test: Tensor, lam: float = 10.0) -> list[float]:
     """Held-out R^2 per column of ``y`` of a ridge regression (with intercept) from ``x``."""
     x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1).double()
@@ -87,7 +103,9 @@ def probe(run_dir: str | Path, episodes: int = 20, seed: int = 10_000) -> dict[s
             raise ValueError(f"{run_dir}: observations {agent.world_model.obs_shape}; the probe "
                              "reads vector observations only")  # fmt: skip
         agent.world_model.eval()
-        reps = [representations(agent, o, a) for o, a in play(agent, env, episodes, seed)]
+        played = play(agent, env, episodes, seed)
+        reps = [representations(agent, o, a) for o, a in played]
+        cartpole = ckpt["config"].env.startswith("gym/CartPole")
     rows = {k: torch.cat([r[k] for r in reps]) for k in reps[0]}
     n = rows["target"].shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
@@ -104,6 +122,8 @@ def probe(run_dir: str | Path, episodes: int = 20, seed: int = 10_000) -> dict[s
                      for k in names},
         "recon_mse": [round(v, 4) for v in mse.tolist()],
         "obs_var": [round(v, 4) for v in rows["target"].var(0).tolist()],
+        **({"episode_ends": episode_ends(torch.stack([o[-1] for o, _ in played]))}
+           if cartpole else {}),
     }  # fmt: skip
 
 

@@ -39,8 +39,18 @@ def test_probe_of_a_twister_run(tmp_path, load_benchmark, capsys):
     assert all(len(v) == 4 for v in out["probe_r2"].values())  # CartPole's 4 dimensions
     assert len(out["recon_mse"]) == len(out["obs_var"]) == 4
     assert all(v > 0 for v in out["obs_var"])
+    assert sum(out["episode_ends"].values()) == 2  # each episode ended one way
     with pytest.raises(SystemExit):
         probe.main([str(run_dir), "--episodes", "0"])
     assert "--episodes 0; accepted: an int >= 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="is not a flatworld run folder"):
         probe.probe(tmp_path / "nothing")
+
+
+def test_episode_ends_reads_cartpoles_termination_rules(load_benchmark):
+    probe = load_benchmark("latent_probe")
+    last = torch.tensor([[2.5, 0.0, 0.0, 0.0],  # cart out (also past the angle: cart counts)
+                         [-2.41, 0.0, 0.3, 0.0],
+                         [0.0, 0.0, -0.21, 0.0],  # pole fell (12 degrees = 0.2094 rad)
+                         [2.3, 0.0, 0.2, 0.0]])  # fmt: skip  # neither: the time limit
+    assert probe.episode_ends(last) == {"cart_out": 2, "pole_fell": 1, "time_limit": 1}
