@@ -90,7 +90,7 @@ class CapturedStep:
         for p in self.params:  # the captured backward then writes fresh gradients, not sums
             p.grad = None
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.device(self.device), torch.cuda.graph(self.graph):
             self._out = self.fn(*self._static_inputs())
         self._grads = [p.grad for p in self.params]
 
