@@ -27,7 +27,10 @@ set -u
 : "${OUT:?set OUT to the folder for the results}"
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
-LIMIT=${LIMIT:-270}     # seconds of training per learning run (the call must fit 600 s)
+LIMIT=${LIMIT:-480}     # seconds of training per learning run, at most (see BUDGET)
+BUDGET=${BUDGET:-570}   # seconds the whole call may take (the device allows 600 a call): the
+                        # learning runs get what the steps before them left, less 100 s for
+                        # their start-up, the last episode and the evaluation
 SIZE=${SIZE:-S}         # model size of the learning runs
 GAME=${GAME:-atari/Breakout}
 mkdir -p "$OUT"
@@ -101,6 +104,10 @@ fi
 # agent steps), four times the env steps of the published 1024 for the same updates. Two runs
 # by default: with graphs each update is short, and fewer processes share the GPU's time.
 RUNS=${RUNS:-"dreamer-s1 dreamer 1 ;twister-s1 twister 1"}
+left=$((BUDGET - ($(date +%s) - t0) - 100))
+if [ "$left" -lt "$LIMIT" ]; then
+  LIMIT=$((left > 20 ? left : 20))
+fi
 stamp "3. learning ($SIZE, $GAME, ${LIMIT} s each; dreamer: $(graphs_for dreamer || true), twister: $(graphs_for twister || true))"
 names=() pids=()
 while IFS=' ' read -r name agent seed extra; do
