@@ -58,6 +58,11 @@ REFERENCE_PUBLISHED = {
 }  # fmt: skip
 
 
+# --quick: tiny widths, a smoke run of a benchmark rather than a measurement
+QUICK_DIMS = dict(deter=32, units=32, layers=1, cnn_depth=4, stoch=4, classes=4, tssm_width=32,
+                  tssm_heads=4, cpc_steps=3)  # fmt: skip
+
+
 def peak_matmul(device: torch.device, seconds: float, precision: str = "fp32") -> float:
     """Peak matmul FLOP/s at the model's layer shapes (1024 tokens, width 512..1536), in fp32
     or (``precision="bf16"``) bfloat16."""
@@ -107,8 +112,7 @@ def bench(seq_model: str, device: torch.device, args: argparse.Namespace,
           peaks: dict[str, float]) -> dict:  # fmt: skip
     """Every figure for each precision in ``args.precision``; the functions compared (Adam and
     SAM, and the precisions) take turns, so their ratios see one stretch of machine speed."""
-    extra = dict(deter=32, units=32, layers=1, cnn_depth=4, stoch=4, classes=4, tssm_width=32,
-                 tssm_heads=4, cpc_steps=3) if args.quick else {}  # fmt: skip
+    extra = QUICK_DIMS if args.quick else {}
     precs = list(args.precision)
     res: dict = {p: {} for p in precs}
     b = make_batch(args.seq_len, args.batch, args.actions, (3, 64, 64), device)

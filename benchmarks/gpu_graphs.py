@@ -24,7 +24,7 @@ import time
 
 import torch
 from common import sync
-from dreamer_throughput import make_batch
+from dreamer_throughput import QUICK_DIMS, make_batch
 
 from flatworld import optim
 from flatworld.agents.dreamer import DreamerConfig, make
@@ -32,8 +32,7 @@ from flatworld.agents.dreamer import DreamerConfig, make
 
 def agent_for(seq_model: str, sam: bool, graphs: bool, device: torch.device,
               args: argparse.Namespace):  # fmt: skip
-    extra = dict(deter=32, units=32, layers=1, cnn_depth=4, stoch=4, classes=4, tssm_width=32,
-                 tssm_heads=4, cpc_steps=3) if args.quick else {}  # fmt: skip
+    extra = QUICK_DIMS if args.quick else {}
     spec = optim.OptimSpec(lr=1e-4, eps=1e-8, sam=optim.SamSpec(rho=0.1) if sam else None)
     cfg = DreamerConfig(sequence_model=seq_model, batch_size=args.batch, seq_len=args.seq_len,
                         wm_optim=spec, cuda_graphs=graphs, **extra)  # fmt: skip
