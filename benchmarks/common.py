@@ -45,10 +45,28 @@ def _baddbmm_inplace_flop(self_shape, a_shape, b_shape, *args, out_shape=None, *
     return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
 
 
+def _sparse_aware(dense: Callable[..., int], first: int) -> Callable[..., int]:
+    """A raw-tensor FLOP formula for a product whose operand ``args[first]`` may be a sparse
+    CSR matrix (the Dreamer agents' one-hot backward): 2 * nnz * columns for it, else the
+    dense formula on shapes."""
+
+    def count(*args, out_val=None, **kwargs) -> int:
+        a, b = args[first], args[first + 1]
+        if a.layout == torch.sparse_csr:
+            return 2 * a._nnz() * b.shape[-1]
+        return dense(*(x.shape if isinstance(x, torch.Tensor) else x for x in args))
+
+    count._get_raw = True  # FlopCounterMode passes such a formula the tensors, not shapes
+    return count
+
+
 # FlopCounterMode counts addmm and baddbmm but not their in-place forms, which the Dreamer
-# agents use to accumulate into fresh outputs: count those as their out-of-place twins.
+# agents use to accumulate into fresh outputs: count those as their out-of-place twins. And it
+# counts a sparse product as dense: count its nonzeros.
 _INPLACE = {torch.ops.aten.addmm_: _addmm_inplace_flop,
-            torch.ops.aten.baddbmm_: _baddbmm_inplace_flop}  # fmt: skip
+            torch.ops.aten.baddbmm_: _baddbmm_inplace_flop,
+            torch.ops.aten.mm: _sparse_aware(lambda a, b: 2 * a[0] * a[1] * b[1], 0),
+            torch.ops.aten.addmm: _sparse_aware(_addmm_inplace_flop, 1)}  # fmt: skip
 
 
 def flops_of(fn: Callable[[], object]) -> int:

@@ -175,12 +175,15 @@ def test_rssm_shapes_and_reset_at_is_first():
 
 
 @pytest.mark.parametrize("layers", [0, 2])
-def test_one_hot_features_feed_an_mlp_like_the_concatenation(layers):
-    """A head reading [dense, one-hot] in parts (rows summed for the one-hot part) gives the
-    dense layer's output and gradients: for the weights, and for straight-through inputs."""
+@pytest.mark.parametrize("sizes", [(7, 5, 4, 3, 8), (40, 64, 8, 8, 64)])
+def test_one_hot_features_feed_an_mlp_like_the_concatenation(layers, sizes):
+    """A head reading [dense, one-hot] in parts (rows summed for the one-hot part, their
+    gradient a sparse product on a CPU) gives the dense layer's output and gradients: for the
+    weights, and for straight-through inputs. The larger sizes take flatworld.nn.linear's
+    oneDNN route for the dense products."""
     torch.manual_seed(0)
-    n, d, s, c = 7, 5, 4, 3
-    net = mlp(d + s * c, 8, layers, 6)
+    n, d, s, c, units = sizes
+    net = mlp(d + s * c, units, layers, 6 if units < 64 else 64)
     if layers == 0:
         torch.nn.init.normal_(net[0].bias)  # a bias that a missing term would show
     dense = torch.randn(n, 2, d, requires_grad=True)

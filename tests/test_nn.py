@@ -170,3 +170,89 @@ def test_shift_aug_is_an_integer_crop_of_the_padded_image():
         crops = [padded[n, :, i : i + 10, j : j + 10] for i in range(5) for j in range(5)]
         assert any(torch.equal(y[n], c) for c in crops)
     torch.testing.assert_close(ShiftAug(pad=0)(x), x)
+
+
+# ---- flatworld.nn.linear: fp32 CPU products through oneDNN ---------------------------------
+def _count_convs(monkeypatch) -> list[int]:
+    """Counts the convolutions run from here on: the oneDNN route is one per product."""
+    calls = [0]
+    conv2d = F.conv2d
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return conv2d(*args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", counted)
+    return calls
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("lead", [(128,), (4, 40)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_f_linear_with_its_gradients(lead, bias, monkeypatch):
+    from flatworld.nn.linear import Linear, onednn_linear
+
+    torch.manual_seed(0)
+    layer = Linear(96, 80, bias=bias)
+    x = torch.randn(*lead, 96, requires_grad=True)
+    g = torch.randn(*lead, 80)
+
+    def run():
+        out = layer(x)
+        return out, torch.autograd.grad(out, [x, *layer.parameters()], g)
+
+    convs = _count_convs(monkeypatch)
+    out_a, grads_a = run()
+    assert convs[0] == 1  # routed
+    with onednn_linear(False):
+        out_b, grads_b = run()
+    assert convs[0] == 1  # not routed
+    assert out_a.shape == (*lead, 80) and out_a.is_contiguous()
+    torch.testing.assert_close(out_a, out_b)
+    torch.testing.assert_close(out_b, F.linear(x, layer.weight, layer.bias))
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert a.shape == b.shape and a.is_contiguous()
+        torch.testing.assert_close(a, b)
+    again, grads_again = run()  # deterministic: bit for bit the first call
+    assert torch.equal(again, out_a)
+    assert all(torch.equal(a, b) for a, b in zip(grads_again, grads_a, strict=True))
+
+
+@needs_onednn
+def test_onednn_linear_leaves_small_bf16_and_disabled_products_to_sgemm(monkeypatch):
+    from flatworld.nn.linear import MIN_ROWS, add_linear_, linear, onednn_linear
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 96)
+    big = torch.randn(256, 96)
+    convs = _count_convs(monkeypatch)
+    linear(torch.randn(MIN_ROWS - 1, 96), w)  # too few rows
+    linear(torch.randn(256, 8), torch.randn(96, 8))  # too narrow
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear(big, w)  # autocast: its own bf16 route
+    with onednn_linear(False):
+        linear(big, w)
+    assert convs[0] == 0
+    linear(big, w)  # restored after the block
+    assert convs[0] == 1
+    acc = torch.randn(256, 96)
+    expected = acc + big @ w.t()
+    torch.testing.assert_close(add_linear_(acc, big, w), expected)
+    assert convs[0] == 2
+    with pytest.raises(TypeError, match="enabled='yes'; accepted: True or False"):
+        onednn_linear("yes")
+
+
+def test_onednn_linear_keeps_nn_linear_state_dict():
+    from flatworld.nn.linear import Linear
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(64, 64)
+    ours = Linear(64, 64)
+    ours.load_state_dict(plain.state_dict())
+    assert list(ours.state_dict()) == ["weight", "bias"]
+    x = torch.randn(200, 64)
+    torch.testing.assert_close(ours(x), plain(x))

@@ -3,6 +3,7 @@ same warm-up, so that a ratio between them (SAM/Adam) sees one stretch of machin
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -27,3 +28,16 @@ def test_flops_count_in_place_matmuls_like_their_out_of_place_twins(load_benchma
     assert flops_of(lambda: c.clone().addmm_(a, b)) == 2 * 6 * 5 * 4
     assert flops_of(lambda: z.clone().baddbmm_(x, y)) == flops_of(lambda: torch.baddbmm(z, x, y))
     assert flops_of(lambda: torch.baddbmm(z, x, y)) == 2 * 3 * 6 * 5 * 4
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_flops_count_a_sparse_product_by_its_nonzeros(load_benchmark):
+    """The one-hot rows' gradient is a sparse CSR product on a CPU: its FLOPs are 2 per
+    nonzero per column, not those of the dense matrix it stands for."""
+    flops_of = load_benchmark("common").flops_of
+    dense = torch.zeros(6, 5)
+    dense[0, 1] = dense[2, 3] = dense[5, 0] = 1.0
+    sparse, b = dense.to_sparse_csr(), torch.randn(5, 4)
+    assert flops_of(lambda: sparse @ b) == 2 * 3 * 4
+    assert flops_of(lambda: dense @ b) == 2 * 6 * 5 * 4
+    assert flops_of(lambda: torch.mm(dense, b)) == 2 * 6 * 5 * 4

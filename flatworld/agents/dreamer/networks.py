@@ -8,6 +8,7 @@ fan-out. Output layers take an ``out_scale``; 0 starts the layer at zero (reward
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatworld.nn import symlog
+from flatworld.nn.linear import Linear, add_linear_, linear
 
 LN_EPS = 1e-3  # DreamerV3's LayerNorm epsilon
 _TRUNC_STD = 0.87962566103423978  # std of a unit normal truncated at +-2
@@ -49,9 +51,9 @@ class Dense(nn.Sequential):
     """Linear (no bias: the norm has one) -> LayerNorm -> SiLU."""
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
-        linear = nn.Linear(in_dim, out_dim, bias=False)
-        init_(linear)
-        super().__init__(linear, nn.LayerNorm(out_dim, eps=LN_EPS), nn.SiLU())
+        layer = Linear(in_dim, out_dim, bias=False)
+        init_(layer)
+        super().__init__(layer, nn.LayerNorm(out_dim, eps=LN_EPS), nn.SiLU())
 
 
 def mlp(in_dim: int, units: int, layers: int, out_dim: int | None = None,
@@ -60,7 +62,7 @@ def mlp(in_dim: int, units: int, layers: int, out_dim: int | None = None,
     dims = [in_dim] + [units] * layers
     mods: list[nn.Module] = [Dense(dims[i], dims[i + 1]) for i in range(layers)]
     if out_dim is not None:
-        out = nn.Linear(dims[-1], out_dim)
+        out = Linear(dims[-1], out_dim)
         init_(out, out_scale)
         mods.append(out)
     return nn.Sequential(*mods)
@@ -82,19 +84,44 @@ def onehot_index(onehot: Tensor, groups: int) -> Tensor:
 class _OneHotRows(torch.autograd.Function):
     """onehot @ rows for ``onehot`` (N, S*C) of S exactly one-hot groups whose columns are
     ``index`` (N, S), and ``rows`` (S*C, out). Forward sums rows (embedding_bag); backward is
-    the dense product, for the rows and (straight-through samples) for the input."""
+    the dense product for the input (straight-through samples) and, on a CPU, a sparse one for
+    the rows."""
 
     @staticmethod
     def forward(ctx: Any, onehot: Tensor, index: Tensor, rows: Tensor) -> Tensor:
-        ctx.save_for_backward(onehot, rows)
+        ctx.save_for_backward(onehot, index, rows)
         return F.embedding_bag(index, rows, mode="sum")
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
-        onehot, rows = ctx.saved_tensors
-        g_in = grad @ rows.t() if ctx.needs_input_grad[0] else None
-        g_rows = onehot.t() @ grad if ctx.needs_input_grad[2] else None
+        onehot, index, rows = ctx.saved_tensors
+        g_in = linear(grad, rows) if ctx.needs_input_grad[0] else None
+        g_rows = None
+        if ctx.needs_input_grad[2]:
+            if grad.device.type == "cpu":
+                g_rows = _onehot_transposed(index, rows.shape[0]) @ grad.float()
+                g_rows = g_rows.to(rows.dtype)
+            else:  # a GPU multiplies the dense one-hot fast
+                g_rows = onehot.t() @ grad
         return g_in, None, g_rows
+
+
+def _onehot_transposed(index: Tensor, width: int) -> Tensor:
+    """The transpose (width, N) of the one-hot matrix whose rows have their 1s at ``index``
+    (N, S), as a sparse CSR matrix: the rows' gradient onehot.t() @ grad as a sparse product
+    costs N * S * out multiply-adds instead of the dense N * width * out (C times fewer; on
+    this CPU about 2.5x less time at N = 15,360, S = C = 32, out = 512). A stable sort keeps
+    each row's columns in order, so the sums, and the runs, are deterministic."""
+    flat = index.reshape(-1)
+    groups = index.shape[-1]
+    order = torch.argsort(flat, stable=True)
+    crow = torch.zeros(width + 1, dtype=torch.long, device=index.device)
+    crow[1:] = torch.bincount(flat, minlength=width).cumsum(0)
+    ones = torch.ones(flat.shape[0], device=index.device)
+    with warnings.catch_warnings():  # torch warns, once, that sparse CSR tensors are beta
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, order // groups, ones, (width, index.shape[0]),
+                                       check_invariants=False)  # fmt: skip
 
 
 def onehot_rows(onehot: Tensor, index: Tensor, rows: Tensor) -> Tensor:
@@ -134,8 +161,8 @@ def feed(net: nn.Sequential | nn.Linear, x: Tensor | OneHotFeat) -> Tensor:
         return net(x).float()
     layers = list(net) if isinstance(net, nn.Sequential) else [net]
     first = layers[0]
-    linear = first[0] if isinstance(first, Dense) else first
-    d, w = x.dense.shape[-1], linear.weight
+    first_linear = first[0] if isinstance(first, Dense) else first
+    d, w = x.dense.shape[-1], first_linear.weight
     lead = x.dense.shape[:-1]
     h = onehot_matmul(x.onehot.reshape(-1, x.onehot.shape[-1]),
                       x.index.reshape(-1, x.index.shape[-1]), w[:, d:])  # fmt: skip
@@ -143,10 +170,10 @@ def feed(net: nn.Sequential | nn.Linear, x: Tensor | OneHotFeat) -> Tensor:
         dense = x.dense.reshape(-1, d)
         if torch.is_autocast_enabled(h.device.type):  # autocast casts out-of-place ops only
             h = torch.addmm(h, dense, w[:, :d].t())
-        else:  # in place, into the fresh sum: an out-of-place addmm would first copy it
-            h.addmm_(dense, w[:, :d].t())
-    if linear.bias is not None:
-        h.add_(linear.bias)
+        else:  # in place, into the fresh sum: an out-of-place sum would first copy it
+            add_linear_(h, dense, w[:, :d])
+    if first_linear.bias is not None:
+        h.add_(first_linear.bias)
     h = h.view(*lead, h.shape[-1])
     rest = list(first)[1:] if isinstance(first, Dense) else []
     for layer in rest + layers[1:]:
@@ -198,7 +225,7 @@ class ConvDecoder(nn.Module):
         super().__init__()
         self.obs_shape = tuple(obs_shape)
         self.top = depth * 8
-        self.proj = nn.Linear(feat_dim, self.top * 16)
+        self.proj = Linear(feat_dim, self.top * 16)
         init_(self.proj)
         layers: list[nn.Module] = []
         c = self.top

@@ -23,6 +23,7 @@ from flatworld.agents.dreamer.sequence import (
     SequenceModel,
     State,
 )
+from flatworld.nn.linear import Linear, add_linear_
 
 
 class RSSM(SequenceModel):
@@ -42,12 +43,12 @@ class RSSM(SequenceModel):
         self.gru_x, self.gru_h = _split_linear((units, deter), 3 * deter)
         self.gru_norm = nn.LayerNorm(3 * deter, eps=LN_EPS)
         self.img_out = Dense(deter, units)
-        self.prior_logits = nn.Linear(units, latent)
+        self.prior_logits = Linear(units, latent)
         init_(self.prior_logits)
         # The posterior's first layer sees [h_t, e_t]; the e_t part runs once per sequence.
         self.obs_deter, self.obs_embed = _split_linear((deter, embed_dim), units)
         self.obs_norm = nn.LayerNorm(units, eps=LN_EPS)
-        self.post_logits = nn.Linear(units, latent)
+        self.post_logits = Linear(units, latent)
         init_(self.post_logits)
         self.init_deter = nn.Parameter(torch.zeros(deter))  # learned initial state, tanh'd
 
@@ -59,8 +60,8 @@ class RSSM(SequenceModel):
         x = onehot_rows(stoch, index, self.img_in_rows)
         x = F.silu(self.img_in_norm(x.addmm_(action, self.img_in_action.weight.t())))
         gates = self.gru_x(x)  # bf16 under autocast, which casts out-of-place ops only
-        gates = self.gru_norm(gates.addmm_(deter.to(gates.dtype),
-                                           self.gru_h.weight.t().to(gates.dtype)))
+        gates = self.gru_norm(add_linear_(gates, deter.to(gates.dtype),
+                                          self.gru_h.weight.to(gates.dtype)))
         reset, cand, update = gates.chunk(3, -1)
         cand = torch.tanh(torch.sigmoid(reset) * cand)
         update = torch.sigmoid(update - 1.0)
@@ -119,10 +120,10 @@ class RSSM(SequenceModel):
         return post, prior, self.feat(post)
 
 
-def _split_linear(in_dims: tuple[int, int], out_dim: int) -> tuple[nn.Linear, nn.Linear]:
+def _split_linear(in_dims: tuple[int, int], out_dim: int) -> tuple[Linear, Linear]:
     """Two bias-free Linears whose sum is a Linear on the concatenated inputs (same init)."""
     fan = (sum(in_dims) + out_dim) / 2
-    a, b = (nn.Linear(d, out_dim, bias=False) for d in in_dims)
+    a, b = (Linear(d, out_dim, bias=False) for d in in_dims)
     init_(a, fan=fan)
     init_(b, fan=fan)
     return a, b

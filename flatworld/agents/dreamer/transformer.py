@@ -47,6 +47,7 @@ from flatworld.agents.dreamer.sequence import (
     State,
     latent_index,
 )
+from flatworld.nn.linear import Linear
 
 
 def _dropout(x: Tensor, p: float, active: bool) -> Tensor:
@@ -60,11 +61,11 @@ class Block(nn.Module):
     def __init__(self, width: int, heads: int, ff_mult: int) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, width // heads
-        self.qkv = nn.Linear(width, 3 * width, bias=False)
-        self.proj = nn.Linear(width, width)
+        self.qkv = Linear(width, 3 * width, bias=False)
+        self.proj = Linear(width, width)
         self.norm1 = nn.LayerNorm(width, eps=LN_EPS)
-        self.ff1 = nn.Linear(width, ff_mult * width)
-        self.ff2 = nn.Linear(ff_mult * width, width)
+        self.ff1 = Linear(width, ff_mult * width)
+        self.ff2 = Linear(ff_mult * width, width)
         self.norm2 = nn.LayerNorm(width, eps=LN_EPS)
         for layer in (self.qkv, self.proj, self.ff1, self.ff2):
             init_(layer)
@@ -306,7 +307,7 @@ class ACCPC(nn.Module):
         self.steps, self.decay, self.action_dim = steps, decay, action_dim
         self.heads = nn.ModuleList(mlp(feat_dim + k * action_dim, units, layers, dim)
                                    for k in range(1, steps + 1))  # fmt: skip
-        self.target = nn.Linear(embed_dim, dim)
+        self.target = Linear(embed_dim, dim)
         init_(self.target)
 
     def weights(self, steps: int) -> list[float]:
