@@ -16,6 +16,7 @@ ratios, so that each compares one stretch of this shared machine's speed.
     python benchmarks/dreamer_throughput.py --sequence-model transformer --repeats 5
     python benchmarks/dreamer_throughput.py --precision fp32 bf16  # and bf16 beside fp32
     python benchmarks/dreamer_throughput.py --quick                # tiny widths: a smoke run
+    python benchmarks/dreamer_throughput.py --no-onednn-linear     # fp32 products in sgemm
 
 The published codes are not run here. Their figures, measured on this machine type at the same
 settings (the issues' numbers), are printed under "reference_published" beside this run's own
@@ -36,6 +37,7 @@ from flatworld import optim
 from flatworld.agents.dreamer import DreamerConfig, make
 from flatworld.agents.dreamer.config import PRECISIONS
 from flatworld.agents.dreamer.networks import compute_precision
+from flatworld.nn.linear import onednn_linear
 from flatworld.runs.memory import keep_freed_memory
 
 REFERENCE_PUBLISHED = {
@@ -235,6 +237,9 @@ def main() -> None:
     p.add_argument("--actions", type=int, default=6)
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda if present")
     p.add_argument("--quick", action="store_true", help="tiny widths and 1 repeat: a smoke run")
+    p.add_argument("--onednn-linear", action=argparse.BooleanOptionalAction, default=True,
+                   help="flatworld.nn.linear's oneDNN route for fp32 CPU products (the "
+                        "default); off: torch's sgemm, as before 2026-12-03")  # fmt: skip
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="flatworld.runs.keep_freed_memory (as training runs do); off: malloc as "
                         "it is")  # fmt: skip
@@ -244,6 +249,7 @@ def main() -> None:
     if args.quick:
         args.repeats, args.batch, args.seq_len = 1, 4, 16
     torch.set_num_threads(args.threads)
+    onednn_linear(args.onednn_linear)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     out: dict = {"settings": {k: v for k, v in vars(args).items() if k != "devices"},
                  "torch": torch.__version__, "keep_freed_memory": kept}  # fmt: skip

@@ -58,11 +58,11 @@ def main() -> None:
         g = torch.randn(rows, n)
         gflop = 2 * rows * k * n / 1e9
 
-        def forward() -> None:
+        def forward(x=x, w=w) -> None:
             with torch.no_grad():
                 linear(x, w)
 
-        def both() -> None:
+        def both(x=x, w=w, g=g) -> None:
             x.grad = w.grad = None
             linear(x, w).backward(g)
 
