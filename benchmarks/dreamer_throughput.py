@@ -8,9 +8,11 @@ sequence_model: {precision: figures, "bf16_speedup_over_fp32": ..., "reference_p
 ...}}}``. Settings default to Atari-100k's: 3x64x64 pixels, 6 discrete actions, batch 16 x 64,
 horizon 15, 2 threads, the environment excluded; model size S. FLOPs are counted by
 FlopCounterMode (matmuls and convs); ``frac_peak`` = FLOP/s over the peak matmul FLOP/s of the
-same precision measured in the same process. Adam and SAM steps (and the precisions) take
-turns, and ``sam_over_adam_wm_step`` and ``bf16_speedup_over_fp32`` are medians of paired
-ratios, so that each compares one stretch of this shared machine's speed.
+same precision measured in the same process. The whole update, the world-model step and
+imagination + actor-critic, with Adam and SAM (and the precisions), take turns, and
+``sam_over_adam_wm_step``, ``update_over_parts`` (the whole update over the sum of its two parts,
+about 1) and ``bf16_speedup_over_fp32`` are medians of paired ratios, so that each compares one
+stretch of this shared machine's speed.
 
     python benchmarks/dreamer_throughput.py                        # both models, a few repeats
     python benchmarks/dreamer_throughput.py --sequence-model transformer --repeats 5
@@ -147,29 +149,22 @@ def bench(seq_model: str, device: torch.device, args: argparse.Namespace,
                 speedup[name] = paired(secs, (name, "fp32"), (name, "bf16"))
         return secs
 
-    agents = {(opt, prec): agent_for(sam, prec) for prec in precs
-              for opt, sam in (("adam", None), ("sam", optim.SamSpec(rho=0.1)))}  # fmt: skip
-    for part in ("update", "wm_step"):
-        if part == "wm_step":  # the same update with the actor-critic step left out
-            for agent in agents.values():
-                agent.train_actor_critic = lambda start, cont0: {}
-        secs = together({(f"{part}_{opt}", prec): (lambda a=agent: a.update(b))
-                         for (opt, prec), agent in agents.items()})  # fmt: skip
-        if part == "wm_step":
-            for prec in precs:
-                res[prec]["sam_over_adam_wm_step"] = paired(secs, ("wm_step_sam", prec),
-                                                            ("wm_step_adam", prec))  # fmt: skip
-    wm = agents["adam", precs[0]].world_model
-    params_m = {
-        "world_model": sum(p.numel() for p in wm.parameters()) / 1e6,
-        "cpc_heads": (sum(p.numel() for p in wm.cpc.parameters()) / 1e6
-                      if getattr(wm, "cpc", None) is not None else 0.0),
-        "actor_critic": sum(p.numel() for p in agents["adam", precs[0]].ac.parameters()) / 1e6}
-    del agents, wm
+    # The whole update, the world-model step (the same update with the actor-critic step left
+    # out, on agents of its own) and the actor-critic step alone all take turns, so that the
+    # whole update and its parts see one stretch of this shared machine's speed.
+    sams = (("adam", None), ("sam", optim.SamSpec(rho=0.1)))
+    agents = {(opt, prec): agent_for(sam, prec) for prec in precs for opt, sam in sams}
+    wm_agents = {(opt, prec): agent_for(sam, prec) for prec in precs for opt, sam in sams}
+    for agent in wm_agents.values():
+        agent.train_actor_critic = lambda start, cont0: {}
+    fns = {(f"update_{opt}", prec): (lambda a=agent: a.update(b))
+           for (opt, prec), agent in agents.items()}  # fmt: skip
+    fns.update({(f"wm_step_{opt}", prec): (lambda a=agent: a.update(b))
+                for (opt, prec), agent in wm_agents.items()})  # fmt: skip
     n = args.batch * args.seq_len
     acts = torch.nn.functional.one_hot(torch.randint(0, args.actions, (args.horizon, n)),
                                        args.actions).float().to(device)  # fmt: skip
-    imag_ac, rollout, recompute = {}, {}, {}
+    rollout, recompute = {}, {}
     for prec in precs:
         agent = agent_for(None, prec)
         data = agent.prepare(b)
@@ -189,7 +184,7 @@ def bench(seq_model: str, device: torch.device, args: argparse.Namespace,
                 for i in range(args.horizon):
                     state = seq.imagine_step(state, acts[i])
 
-        imag_ac["imag_ac", prec] = ac_step
+        fns["imag_ac", prec] = ac_step
         name = "imagine_cached" if seq_model == "transformer" else "imagine"
         rollout[name, prec] = roll
         if seq_model == "transformer":
@@ -206,7 +201,21 @@ def bench(seq_model: str, device: torch.device, args: argparse.Namespace,
                         seq._latent(seq.prior_net(h[-1]), True)
 
             recompute["imagine_recompute_window", prec] = window
-    together(imag_ac)
+    secs = together(fns)
+    for prec in precs:
+        res[prec]["sam_over_adam_wm_step"] = paired(secs, ("wm_step_sam", prec),
+                                                    ("wm_step_adam", prec))  # fmt: skip
+        # the whole update against the sum of its two parts timed beside it (about 1)
+        res[prec]["update_over_parts"] = statistics.median(
+            u / (w + a) for u, w, a in zip(secs["update_adam", prec], secs["wm_step_adam", prec],
+                                           secs["imag_ac", prec], strict=True))  # fmt: skip
+    wm = agents["adam", precs[0]].world_model
+    params_m = {
+        "world_model": sum(p.numel() for p in wm.parameters()) / 1e6,
+        "cpc_heads": (sum(p.numel() for p in wm.cpc.parameters()) / 1e6
+                      if getattr(wm, "cpc", None) is not None else 0.0),
+        "actor_critic": sum(p.numel() for p in agents["adam", precs[0]].ac.parameters()) / 1e6}
+    del agents, wm_agents, wm, fns
     together(rollout, per_call=args.horizon * n)
     if recompute:
         together(recompute, per_call=args.horizon * n)

@@ -11,6 +11,7 @@ from flatworld.nn.layers import (
     mlp,
     num_params,
 )
+from flatworld.nn.linear import Linear, linear, onednn_linear
 from flatworld.nn.math import (
     RunningScale,
     TwoHot,
@@ -23,6 +24,7 @@ from flatworld.nn.math import (
 
 __all__ = [
     "Ensemble",
+    "Linear",
     "Mish",
     "NormedLinear",
     "RunningScale",
@@ -32,9 +34,11 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "conv_encoder",
+    "linear",
     "mish",
     "mlp",
     "num_params",
+    "onednn_linear",
     "soft_cross_entropy",
     "symexp",
     "symlog",
