@@ -17,20 +17,24 @@ def sync(device: torch.device) -> None:
 
 def peak_matmul_flops(device: torch.device, shapes: Iterable[tuple[int, int, int]],
                       seconds: float = 1.0, rounds: int = 3,
-                      dtype: torch.dtype = torch.float32) -> float:  # fmt: skip
+                      dtype: torch.dtype = torch.float32,
+                      product: Callable[[torch.Tensor, torch.Tensor], object] | None = None
+                      ) -> float:  # fmt: skip
     """Best matmul FLOP/s (fp32 unless ``dtype``) over (m, k, n) shapes: the best of `rounds`
-    passes, so a busy moment on a shared machine cannot pass for the peak."""
+    passes, so a busy moment on a shared machine cannot pass for the peak. ``product(a, w)``
+    of a (m, k) and w (n, k) (default ``a @ w.t()``) is the product timed."""
     shapes = list(shapes)
+    product = product or (lambda a, w: a @ w.t())
     best = 0.0
     for m, k, n in rounds * shapes:
         a = torch.randn(m, k, device=device, dtype=dtype)
-        b = torch.randn(k, n, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device, dtype=dtype)
         for _ in range(2):
-            a @ b
+            product(a, w)
         reps, t = 0, time.perf_counter()
         sync(device)
         while time.perf_counter() - t < seconds / (rounds * len(shapes)):
-            a @ b
+            product(a, w)
             reps += 1
         sync(device)
         best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))

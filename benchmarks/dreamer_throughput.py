@@ -7,12 +7,14 @@ Prints one JSON object: ``{device: {"peak_matmul_gflop_per_s": {precision: ...},
 sequence_model: {precision: figures, "bf16_speedup_over_fp32": ..., "reference_published":
 ...}}}``. Settings default to Atari-100k's: 3x64x64 pixels, 6 discrete actions, batch 16 x 64,
 horizon 15, 2 threads, the environment excluded; model size S. FLOPs are counted by
-FlopCounterMode (matmuls and convs); ``frac_peak`` = FLOP/s over the peak matmul FLOP/s of the
-same precision measured in the same process. The whole update, the world-model step and
-imagination + actor-critic, with Adam and SAM (and the precisions), take turns, and
-``sam_over_adam_wm_step``, ``update_over_parts`` (the whole update over the sum of its two parts,
-about 1) and ``bf16_speedup_over_fp32`` are medians of paired ratios, so that each compares one
-stretch of this shared machine's speed.
+FlopCounterMode (matmuls and convs, a sparse product by its nonzeros); ``frac_peak`` = FLOP/s
+over the peak matmul FLOP/s of the same precision measured in the same process, through the
+product the agent's layers use (for fp32 on a CPU, flatworld.nn.linear's oneDNN route; torch's
+own fp32 product, sgemm, is printed beside it as ``peak_torch_matmul_fp32_gflop_per_s``). The
+whole update, the world-model step and imagination + actor-critic, with Adam and SAM (and the
+precisions), take turns, and ``sam_over_adam_wm_step``, ``update_over_parts`` (the whole update
+over the sum of its two parts, about 1) and ``bf16_speedup_over_fp32`` are medians of paired
+ratios, so that each compares one stretch of this shared machine's speed.
 
     python benchmarks/dreamer_throughput.py                        # both models, a few repeats
     python benchmarks/dreamer_throughput.py --sequence-model transformer --repeats 5
@@ -39,7 +41,7 @@ from flatworld import optim
 from flatworld.agents.dreamer import DreamerConfig, make
 from flatworld.agents.dreamer.config import PRECISIONS
 from flatworld.agents.dreamer.networks import compute_precision
-from flatworld.nn.linear import onednn_linear
+from flatworld.nn.linear import linear, onednn_linear
 from flatworld.runs.memory import keep_freed_memory
 
 REFERENCE_PUBLISHED = {
@@ -69,10 +71,17 @@ QUICK_DIMS = dict(deter=32, units=32, layers=1, cnn_depth=4, stoch=4, classes=4,
 
 def peak_matmul(device: torch.device, seconds: float, precision: str = "fp32") -> float:
     """Peak matmul FLOP/s at the model's layer shapes (1024 tokens, width 512..1536), in fp32
-    or (``precision="bf16"``) bfloat16."""
+    or (``precision="bf16"``) bfloat16, through the agent's layers' own product
+    (flatworld.nn.linear: oneDNN for fp32 on a CPU where that route is on, else torch's)."""
     shapes = ((1024, 512, 512), (1024, 512, 1536), (1024, 1536, 512), (2048, 1024, 512))
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return peak_matmul_flops(device, shapes, seconds, rounds=2, dtype=dtype)
+    return peak_matmul_flops(device, shapes, seconds, rounds=2, dtype=dtype, product=linear)
+
+
+def peak_sgemm(device: torch.device, seconds: float) -> float:
+    """The same peak through torch's own fp32 product (sgemm on a CPU)."""
+    shapes = ((1024, 512, 512), (1024, 512, 1536), (1024, 1536, 512), (2048, 1024, 512))
+    return peak_matmul_flops(device, shapes, seconds, rounds=2)
 
 
 def timed_together(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
@@ -266,6 +275,9 @@ def main() -> None:
         device = torch.device(name)
         peaks = {p: peak_matmul(device, 0.3 if args.quick else 1.0, p) for p in args.precision}
         out[name] = {"peak_matmul_gflop_per_s": {p: v / 1e9 for p, v in peaks.items()}}
+        if "fp32" in peaks:  # torch's own fp32 product beside it (sgemm on a CPU)
+            out[name]["peak_torch_matmul_fp32_gflop_per_s"] = peak_sgemm(
+                device, 0.3 if args.quick else 1.0) / 1e9  # fmt: skip
         for seq_model in args.sequence_model:
             out[name][seq_model] = bench(seq_model, device, args, peaks)
     print(json.dumps(out, indent=1))
