@@ -69,19 +69,21 @@ QUICK_DIMS = dict(deter=32, units=32, layers=1, cnn_depth=4, stoch=4, classes=4,
                   tssm_heads=4, cpc_steps=3)  # fmt: skip
 
 
+# The model's layer shapes (m, k, n): 1024 tokens, widths 512..1536.
+PEAK_SHAPES = ((1024, 512, 512), (1024, 512, 1536), (1024, 1536, 512), (2048, 1024, 512))
+
+
 def peak_matmul(device: torch.device, seconds: float, precision: str = "fp32") -> float:
-    """Peak matmul FLOP/s at the model's layer shapes (1024 tokens, width 512..1536), in fp32
-    or (``precision="bf16"``) bfloat16, through the agent's layers' own product
-    (flatworld.nn.linear: oneDNN for fp32 on a CPU where that route is on, else torch's)."""
-    shapes = ((1024, 512, 512), (1024, 512, 1536), (1024, 1536, 512), (2048, 1024, 512))
+    """Peak matmul FLOP/s at ``PEAK_SHAPES``, in fp32 or (``precision="bf16"``) bfloat16,
+    through the agent's layers' own product (flatworld.nn.linear: oneDNN for fp32 on a CPU
+    where that route is on, else torch's)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return peak_matmul_flops(device, shapes, seconds, rounds=2, dtype=dtype, product=linear)
+    return peak_matmul_flops(device, PEAK_SHAPES, seconds, rounds=2, dtype=dtype, product=linear)
 
 
 def peak_sgemm(device: torch.device, seconds: float) -> float:
     """The same peak through torch's own fp32 product (sgemm on a CPU)."""
-    shapes = ((1024, 512, 512), (1024, 512, 1536), (1024, 1536, 512), (2048, 1024, 512))
-    return peak_matmul_flops(device, shapes, seconds, rounds=2)
+    return peak_matmul_flops(device, PEAK_SHAPES, seconds, rounds=2)
 
 
 def timed_together(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
