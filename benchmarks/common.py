@@ -3,11 +3,24 @@ this folder is on the import path)."""
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable, Iterable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for the JSON of a speed figure."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def sync(device: torch.device) -> None:

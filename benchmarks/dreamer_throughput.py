@@ -9,8 +9,9 @@ sequence_model: {precision: figures, "bf16_speedup_over_fp32": ..., "reference_p
 horizon 15, 2 threads, the environment excluded; model size S. FLOPs are counted by
 FlopCounterMode (matmuls and convs, a sparse product by its nonzeros); ``frac_peak`` = FLOP/s
 over the peak matmul FLOP/s of the same precision measured in the same process, through the
-product the agent's layers use (for fp32 on a CPU, flatworld.nn.linear's oneDNN route; torch's
-own fp32 product, sgemm, is printed beside it as ``peak_torch_matmul_fp32_gflop_per_s``). The
+product the agent's layers use (for fp32 on a CPU, flatworld.nn.linear: oneDNN where its route
+is on, ``onednn_linear`` in the JSON; torch's own fp32 product, sgemm, is printed beside it as
+``peak_torch_matmul_fp32_gflop_per_s``). The
 whole update, the world-model step and imagination + actor-critic, with Adam and SAM (and the
 precisions), take turns, and ``sam_over_adam_wm_step``, ``update_over_parts`` (the whole update
 over the sum of its two parts, about 1) and ``bf16_speedup_over_fp32`` are medians of paired
@@ -20,7 +21,8 @@ ratios, so that each compares one stretch of this shared machine's speed.
     python benchmarks/dreamer_throughput.py --sequence-model transformer --repeats 5
     python benchmarks/dreamer_throughput.py --precision fp32 bf16  # and bf16 beside fp32
     python benchmarks/dreamer_throughput.py --quick                # tiny widths: a smoke run
-    python benchmarks/dreamer_throughput.py --no-onednn-linear     # fp32 products in sgemm
+    python benchmarks/dreamer_throughput.py --onednn-linear off    # fp32 products in sgemm
+    python benchmarks/dreamer_throughput.py --onednn-linear on     # through oneDNN on any CPU
 
 The published codes are not run here. Their figures, measured on this machine type at the same
 settings (the issues' numbers), are printed under "reference_published" beside this run's own
@@ -35,13 +37,13 @@ import statistics
 import time
 
 import torch
-from common import flops_of, peak_matmul_flops, sync
+from common import cpu_name, flops_of, peak_matmul_flops, sync
 
 from flatworld import optim
 from flatworld.agents.dreamer import DreamerConfig, make
 from flatworld.agents.dreamer.config import PRECISIONS
 from flatworld.agents.dreamer.networks import compute_precision
-from flatworld.nn.linear import linear, onednn_linear
+from flatworld.nn.linear import linear, onednn_linear, onednn_linear_enabled
 from flatworld.runs.memory import keep_freed_memory
 
 REFERENCE_PUBLISHED = {
@@ -257,9 +259,10 @@ def main() -> None:
     p.add_argument("--actions", type=int, default=6)
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda if present")
     p.add_argument("--quick", action="store_true", help="tiny widths and 1 repeat: a smoke run")
-    p.add_argument("--onednn-linear", action=argparse.BooleanOptionalAction, default=True,
-                   help="flatworld.nn.linear's oneDNN route for fp32 CPU products (the "
-                        "default); off: torch's sgemm, as before 2026-12-03")  # fmt: skip
+    p.add_argument("--onednn-linear", choices=("auto", "on", "off"), default="auto",
+                   help="flatworld.nn.linear's oneDNN route for fp32 CPU products: auto (the "
+                        "default) takes it where torch runs AVX-512 kernels; off: torch's "
+                        "sgemm")  # fmt: skip
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="flatworld.runs.keep_freed_memory (as training runs do); off: malloc as "
                         "it is")  # fmt: skip
@@ -269,10 +272,12 @@ def main() -> None:
     if args.quick:
         args.repeats, args.batch, args.seq_len = 1, 4, 16
     torch.set_num_threads(args.threads)
-    onednn_linear(args.onednn_linear)
+    onednn_linear({"auto": "auto", "on": True, "off": False}[args.onednn_linear])
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     out: dict = {"settings": {k: v for k, v in vars(args).items() if k != "devices"},
-                 "torch": torch.__version__, "keep_freed_memory": kept}  # fmt: skip
+                 "torch": torch.__version__, "keep_freed_memory": kept,
+                 "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                 "onednn_linear": onednn_linear_enabled()}  # fmt: skip
     for name in devices:
         device = torch.device(name)
         peaks = {p: peak_matmul(device, 0.3 if args.quick else 1.0, p) for p in args.precision}

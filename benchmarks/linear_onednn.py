@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from common import cpu_name
 
 from flatworld.nn.linear import linear, onednn_linear
 from flatworld.runs.memory import keep_freed_memory
@@ -31,17 +31,6 @@ SHAPES = ((1024, 512, 1536), (1024, 512, 512), (15360, 512, 512), (16384, 512, 2
           (1024, 1536, 4096), (1024, 512, 1024), (16, 512, 1536))  # fmt: skip
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
@@ -49,8 +38,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
-    out: dict = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
-                 "shapes": {}}  # fmt: skip
+    out: dict = {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                 "threads": args.threads, "torch": torch.__version__, "shapes": {}}  # fmt: skip
     for rows, k, n in SHAPES:
         torch.manual_seed(0)
         x = torch.randn(rows, k, requires_grad=True)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -189,10 +190,20 @@ def _count_convs(monkeypatch) -> list[int]:
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
 
 
+@pytest.fixture
+def two_threads():
+    """The route needs more than one thread (torch keeps a single-threaded 1x1 convolution
+    of one image out of oneDNN)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @needs_onednn
-@pytest.mark.parametrize("lead", [(128,), (4, 40)])
+@pytest.mark.parametrize("lead", [(256,), (4, 64)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_onednn_linear_matches_f_linear_with_its_gradients(lead, bias, monkeypatch):
+def test_onednn_linear_matches_f_linear_with_its_gradients(lead, bias, monkeypatch, two_threads):
     from flatworld.nn.linear import Linear, onednn_linear
 
     torch.manual_seed(0)
@@ -205,45 +216,73 @@ def test_onednn_linear_matches_f_linear_with_its_gradients(lead, bias, monkeypat
         return out, torch.autograd.grad(out, [x, *layer.parameters()], g)
 
     convs = _count_convs(monkeypatch)
-    out_a, grads_a = run()
-    assert convs[0] == 1  # routed
+    with onednn_linear(True):
+        out_a, grads_a = run()
+        assert convs[0] == 1  # routed
+        again, grads_again = run()  # deterministic: bit for bit the first call
     with onednn_linear(False):
         out_b, grads_b = run()
-    assert convs[0] == 1  # not routed
+    assert convs[0] == 2  # not routed
     assert out_a.shape == (*lead, 80) and out_a.is_contiguous()
     torch.testing.assert_close(out_a, out_b)
     torch.testing.assert_close(out_b, F.linear(x, layer.weight, layer.bias))
     for a, b in zip(grads_a, grads_b, strict=True):
         assert a.shape == b.shape and a.is_contiguous()
         torch.testing.assert_close(a, b)
-    again, grads_again = run()  # deterministic: bit for bit the first call
     assert torch.equal(again, out_a)
     assert all(torch.equal(a, b) for a, b in zip(grads_again, grads_a, strict=True))
 
 
 @needs_onednn
-def test_onednn_linear_leaves_small_bf16_and_disabled_products_to_sgemm(monkeypatch):
+def test_onednn_linear_leaves_small_bf16_single_thread_and_disabled_products_to_sgemm(
+        monkeypatch, two_threads):  # fmt: skip
     from flatworld.nn.linear import MIN_ROWS, add_linear_, linear, onednn_linear
 
     torch.manual_seed(0)
     w = torch.randn(96, 96)
     big = torch.randn(256, 96)
     convs = _count_convs(monkeypatch)
-    linear(torch.randn(MIN_ROWS - 1, 96), w)  # too few rows
-    linear(torch.randn(256, 8), torch.randn(96, 8))  # too narrow
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        linear(big, w)  # autocast: its own bf16 route
-    with onednn_linear(False):
-        linear(big, w)
-    assert convs[0] == 0
-    linear(big, w)  # restored after the block
-    assert convs[0] == 1
-    acc = torch.randn(256, 96)
-    expected = acc + big @ w.t()
-    torch.testing.assert_close(add_linear_(acc, big, w), expected)
-    assert convs[0] == 2
-    with pytest.raises(TypeError, match="enabled='yes'; accepted: True or False"):
+    with onednn_linear(True):
+        linear(torch.randn(MIN_ROWS - 1, 96), w)  # too few rows
+        linear(torch.randn(256, 8), torch.randn(96, 8))  # too narrow
+        linear(torch.randn(128, 96), w)  # 12,288 elements: torch's own convolution path
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            linear(big, w)  # autocast: its own bf16 route
+        torch.set_num_threads(1)
+        linear(big, w)  # one thread: torch's own convolution path
+        torch.set_num_threads(2)
+        with onednn_linear(False):
+            linear(big, w)
+        assert convs[0] == 0
+        linear(big, w)  # restored after the block
+        assert convs[0] == 1
+        acc = torch.randn(256, 96)
+        expected = acc + big @ w.t()
+        torch.testing.assert_close(add_linear_(acc, big, w), expected)
+        assert convs[0] == 2
+    with pytest.raises(TypeError, match="enabled='yes'; accepted: True, False or 'auto'"):
         onednn_linear("yes")
+
+
+@needs_onednn
+@pytest.mark.parametrize("capability, vendor, routed", [
+    ("AVX512", "AuthenticAMD", True), ("AVX2", "AuthenticAMD", False),
+    ("AVX512", "GenuineIntel", False)])  # fmt: skip
+def test_onednn_linear_auto_routes_only_on_amd_with_avx512(capability, vendor, routed,
+                                                          monkeypatch, two_threads):
+    # the module (the attribute flatworld.nn.linear is the function of the same name)
+    linear_module = importlib.import_module("flatworld.nn.linear")
+    linear_module._has_avx512.cache_clear()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(linear_module, "_cpu_vendor", lambda: vendor)
+    try:
+        convs = _count_convs(monkeypatch)
+        with linear_module.onednn_linear("auto"):
+            assert linear_module.onednn_linear_enabled() is routed
+            linear_module.linear(torch.randn(256, 96), torch.randn(96, 96))
+        assert convs[0] == int(routed)
+    finally:
+        linear_module._has_avx512.cache_clear()
 
 
 def test_onednn_linear_keeps_nn_linear_state_dict():

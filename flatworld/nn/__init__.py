@@ -11,7 +11,7 @@ from flatworld.nn.layers import (
     mlp,
     num_params,
 )
-from flatworld.nn.linear import Linear, linear, onednn_linear
+from flatworld.nn.linear import Linear, linear, onednn_linear, onednn_linear_enabled
 from flatworld.nn.math import (
     RunningScale,
     TwoHot,
@@ -39,6 +39,7 @@ __all__ = [
     "mlp",
     "num_params",
     "onednn_linear",
+    "onednn_linear_enabled",
     "soft_cross_entropy",
     "symexp",
     "symlog",

@@ -1,22 +1,33 @@
-"""Linear layers whose fp32 CPU products run through oneDNN.
+"""Linear layers whose fp32 CPU products can run through oneDNN.
 
 On a CPU, torch multiplies fp32 matrices with MKL's sgemm, and convolutions with oneDNN. On
-some CPUs the two differ by a factor: on the AMD EPYC (Zen 5) machines this project runs on,
-``x @ w.t()`` reaches about 165 GFLOP/s on two threads and the same product done as a 1x1
-convolution over a channels-last view of ``x`` (no copy) about 300-380 GFLOP/s, forward and
-backward (``benchmarks/linear_onednn.py`` measures both on the machine at hand). The result is
-the same fp32 product, summed in another order: not bit-identical to ``F.linear``, and just as
-deterministic for a given thread count.
+some CPUs the two differ by a factor, either way. The same product done as a 1x1 convolution
+over a channels-last view of ``x`` (no copy), two threads, forward and backward
+(``benchmarks/linear_onednn.py`` measures both on the machine at hand), on two of the 2-core
+machines this project runs on, both on 2026-12-03:
 
-The route is taken only where it pays: fp32 CPU tensors outside autocast (bf16 products
-already go to oneDNN), at least ``MIN_ROWS`` rows and ``MIN_WIDTH`` features in and out (a
-tiny product is faster in sgemm). ``onednn_linear(False)`` turns it off, for a process or
-(as a context manager) a block.
+- an AMD EPYC (Zen 5) whose torch runs AVX-512 kernels: sgemm about 165 GFLOP/s, oneDNN
+  300-380, 1.2-2.3x at the Dreamer agents' shapes;
+- an AMD EPYC (Zen 4) that exposes AVX2 only: sgemm faster, oneDNN 0.64x at 1024 x 512 x 1024.
+
+A likely reason is that oneDNN uses AVX-512 on any CPU that has it and MKL's sgemm did not on
+that AMD CPU. So by default (``"auto"``) the route is taken on AMD CPUs where torch runs
+AVX-512 kernels, and sgemm is kept elsewhere (Intel CPUs were not measured).
+``onednn_linear(True)`` or ``(False)`` decides for every CPU, for a process or (as a context
+manager) a block. The result is the same fp32 product summed in another order: not
+bit-identical to ``F.linear``, and just as deterministic for a given CPU and thread count.
+
+Even when on, the route is taken only where it pays and where torch's convolution does go to
+oneDNN: fp32 CPU tensors outside autocast (bf16 products already go to oneDNN), at least
+``MIN_ROWS`` rows and ``MIN_WIDTH`` features in and out (a tiny product is faster in sgemm),
+more than ``_NATIVE_MAX`` elements in and more than one thread (below either, torch sends a 1x1
+convolution of one image to its own im2col path, which is sgemm plus copies).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -25,32 +36,61 @@ from torch import Tensor, nn
 
 MIN_ROWS = 64
 MIN_WIDTH = 64
-_enabled = True
+_NATIVE_MAX = 20480  # torch's convolution keeps a single image this small out of oneDNN
+_mode: bool | str = "auto"
 
 
 @contextlib.contextmanager
-def _restoring(previous: bool) -> Iterator[None]:
-    global _enabled
+def _restoring(previous: bool | str) -> Iterator[None]:
+    global _mode
     try:
         yield
     finally:
-        _enabled = previous
+        _mode = previous
 
 
-def onednn_linear(enabled: bool) -> contextlib.AbstractContextManager[None]:
-    """Turn the oneDNN route on or off; used as a context manager, only inside the block."""
-    global _enabled
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled={enabled!r}; accepted: True or False")
-    previous, _enabled = _enabled, enabled
+def onednn_linear(enabled: bool | str) -> contextlib.AbstractContextManager[None]:
+    """Turn the oneDNN route on (``True``), off (``False``) or on where it was measured to pay:
+    an AMD CPU with AVX-512 (``"auto"``, the default); as a context manager, inside the block."""
+    global _mode
+    if not (isinstance(enabled, bool) or enabled == "auto"):
+        raise TypeError(f"enabled={enabled!r}; accepted: True, False or 'auto'")
+    previous, _mode = _mode, enabled
     return _restoring(previous)
+
+
+def onednn_linear_enabled() -> bool:
+    """Whether the route is on for this CPU now (products still pass the size tests)."""
+    if isinstance(_mode, bool):
+        return _mode
+    return _has_avx512()
+
+
+@functools.cache
+def _has_avx512() -> bool:
+    """AVX-512 kernels in torch, on an AMD CPU: where the route was measured to pay."""
+    return (torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+            and _cpu_vendor() == "AuthenticAMD")  # fmt: skip
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 def _routed(x: Tensor, weight: Tensor) -> bool:
     out, width = weight.shape
-    return (_enabled and x.device.type == "cpu" and x.dtype == torch.float32
+    return (x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and min(width, out) >= MIN_WIDTH and x.numel() >= MIN_ROWS * width
+            and x.numel() > _NATIVE_MAX and torch.get_num_threads() > 1
+            and onednn_linear_enabled()
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)  # fmt: skip
 
 
