@@ -97,8 +97,11 @@ class RunningScale:
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
+        """One Polyak step toward the batch's range; none where it is not finite (a NaN would
+        otherwise stay in the scale for good)."""
         lo, hi = torch.quantile(x.detach().flatten().float(), self._q)
-        self.value.lerp_((hi - lo).clamp_min(1.0).reshape(1), self.tau)
+        new = self.value.lerp((hi - lo).clamp_min(1.0).reshape(1), self.tau)
+        self.value.copy_(torch.where(torch.isfinite(new), new, self.value))
 
     def __call__(self, x: Tensor) -> Tensor:
         return x / self.value

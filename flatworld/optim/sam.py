@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flatworld.optim.finite import global_norm, step_unless
 from flatworld.optim.when import Always, EveryK, RhoSchedule, Schedule
 
 _TINY = 1e-12
@@ -38,12 +39,6 @@ def _split(batch: Any, m: int) -> list[Any]:
 
 def _batch_len(chunk: Any) -> int:
     return len(chunk) if isinstance(chunk, Tensor) else len(chunk[0])
-
-
-def _global_norm(tensors: list[Tensor]) -> Tensor:
-    if not tensors:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
 
 
 class SAM(torch.optim.Optimizer):
@@ -70,6 +65,8 @@ class SAM(torch.optim.Optimizer):
             all-reduces only the SAM gradient.
         bn_module: a module whose BatchNorm running statistics only the first pass may update.
     """
+
+    skips_nonfinite = True  # flatworld.optim.closure_step: a step checks its own passes
 
     def __init__(
         self,
@@ -217,7 +214,7 @@ class SAM(torch.optim.Optimizer):
         if self._first_grads is not None and first:
             torch._foreach_copy_(self._first_grads, grads)
         u = torch._foreach_mul(grads, self._scales) if self._scales is not None else grads
-        norm = _global_norm(u)
+        norm = global_norm(u)
         self._nonfinite.append(~torch.isfinite(norm))
         rho = self.rho
         step = rho / self.ascent_steps
@@ -236,7 +233,7 @@ class SAM(torch.optim.Optimizer):
             if first:
                 self._z = [torch.zeros_like(p) for p in params]
             torch._foreach_add_(self._z, torch._foreach_mul(u, coef))
-            z_norm = _global_norm(self._z)
+            z_norm = global_norm(self._z)
             torch._foreach_mul_(self._z, torch.clamp(rho / (z_norm + _TINY), max=1.0))
             z = self._z
         e = torch._foreach_mul(z, self._scales) if self._scales is not None else z
@@ -378,20 +375,16 @@ class SAM(torch.optim.Optimizer):
         if self.clip_grad_norm is not None and grads:
             norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=True)
         else:
-            norm = _global_norm(grads)  # type: ignore[arg-type]
+            norm = global_norm(grads)  # type: ignore[arg-type]
         flags = [f.to(norm.device) for f in self._nonfinite] + [~torch.isfinite(norm)]
         self._nonfinite = []
         scaling = self.grad_scaler is not None and self.grad_scaler.is_enabled()
         if self.base.defaults.get("fused") and not scaling:
             bad_t = torch.stack(flags).any()
-            self.base.found_inf = bad_t.float()  # read by the fused kernel: skip if 1
-            try:
-                self.base.step()
-            finally:
-                del self.base.found_inf
+            stepped = step_unless(self.base, bad_t)  # the fused kernel skips: no host read
             self._skipped = self._skipped + bad_t.long()
             self._attempts += 1
-            return ~bad_t
+            return stepped
         bad = bool(torch.stack(flags).any())
         self._update_scale(bad)
         self._attempts += 1

@@ -31,6 +31,7 @@ from flatworld.agents.dreamer.sequence import (
     unimix_logits,
 )
 from flatworld.nn import TwoHot, soft_cross_entropy
+from flatworld.optim import nonfinite, step_if_finite
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
 
@@ -60,9 +61,12 @@ class ReturnNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
+        """One EMA step toward the batch's percentiles; none where they are not finite (a NaN
+        in the returns would otherwise stay in the scale for good)."""
         lo, hi = torch.quantile(x.detach().flatten().float(), self.q.to(x.device))
-        self.low.lerp_(lo, 1.0 - self.decay)
-        self.high.lerp_(hi, 1.0 - self.decay)
+        keep = nonfinite(lo, hi)
+        self.low.copy_(torch.where(keep, self.low, self.low.lerp(lo, 1.0 - self.decay)))
+        self.high.copy_(torch.where(keep, self.high, self.high.lerp(hi, 1.0 - self.decay)))
 
     def scale(self) -> Tensor:
         return (self.high - self.low).clamp_min(self.min_scale)
@@ -199,7 +203,7 @@ class ActorCritic(nn.Module):
                actor_optim: torch.optim.Optimizer, critic_optim: torch.optim.Optimizer
                ) -> dict[str, Tensor]:  # fmt: skip
         metrics = self.backward(wm, start, cont0)
-        self.step(actor_optim, critic_optim)
+        self.step(actor_optim, critic_optim, metrics)
         return metrics
 
     def backward(self, wm: nn.Module, start: State, cont0: Tensor) -> dict[str, Tensor]:
@@ -220,11 +224,12 @@ class ActorCritic(nn.Module):
                                                       foreach=True)  # fmt: skip
         return metrics
 
-    def step(self, actor_optim: torch.optim.Optimizer,
-             critic_optim: torch.optim.Optimizer) -> None:  # fmt: skip
-        """The optimizer steps on the gradients :meth:`backward` left, and the slow critic."""
-        actor_optim.step()
-        critic_optim.step()
+    def step(self, actor_optim: torch.optim.Optimizer, critic_optim: torch.optim.Optimizer,
+             metrics: dict[str, Tensor]) -> None:  # fmt: skip
+        """The optimizer steps on the gradients :meth:`backward` left (each skipped if its loss
+        or gradient, in ``metrics``, is not finite), and the slow critic."""
+        step_if_finite(actor_optim, metrics["actor_loss"], metrics["actor_grad_norm"])
+        step_if_finite(critic_optim, metrics["critic_loss"], metrics["critic_grad_norm"])
         actor_optim.zero_grad(set_to_none=True)
         critic_optim.zero_grad(set_to_none=True)
         with torch.no_grad():

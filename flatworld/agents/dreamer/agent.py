@@ -3,10 +3,12 @@
 One update, top to bottom:
   1. targets, once, under no_grad: preprocessed observations (also the decoder's targets),
      two-hot rewards, continue flags, the reset flags;
-  2. the world-model step: ``wm_optim.step(closure)``; the closure computes the world-model loss
-     only. Every pass replays the first pass's random stream (the latent samples; with the
-     transformer also its dropout masks and AC-CPC's crops), and clips its own gradient the
-     same way. The first pass keeps its posterior states, detached;
+  2. the world-model step: ``optim.closure_step(wm_optim, closure)``; the closure computes the
+     world-model loss only. A step whose loss or gradient is not finite is skipped (the actor's
+     and the critic's too), so a NaN never reaches the weights. Every pass replays the first
+     pass's random stream (the latent samples; with the transformer also its dropout masks and
+     AC-CPC's crops), and clips its own gradient the same way. The first pass keeps its
+     posterior states, detached;
   3. the actor-critic step in imagination from those posterior states: the states of the
      unperturbed weights, whichever optimizer trained the world model.
 The actor and the critic cannot tell which optimizer trained the world model.
@@ -159,13 +161,13 @@ class DreamerAgent:
 
         self.world_model.train()
         self.wm_optim.zero_grad(set_to_none=True)
-        self.wm_optim.step(closure)
+        optim.closure_step(self.wm_optim, closure)  # a non-finite loss or gradient: no step
         self.wm_optim.zero_grad(set_to_none=True)
 
         cont0 = first["cont"].flatten(0, 1)
         if graphed:
             ac = dict(self._graphs[1](first["post"], cont0))
-            self.ac.step(self.actor_optim, self.critic_optim)
+            self.ac.step(self.actor_optim, self.critic_optim, ac)
         else:
             ac = self.train_actor_critic(self.world_model.seq.imagine_start(first["post"]), cont0)
         self.updates += 1

@@ -200,7 +200,7 @@ class TDMPC2Agent:
             return loss
 
         self.wm_optim.zero_grad(set_to_none=True)
-        self.wm_optim.step(closure)
+        optim.closure_step(self.wm_optim, closure)  # a non-finite loss or gradient: no step
         self.wm_optim.zero_grad(set_to_none=True)
 
         pi_info = self.update_pi(first["zs"])
@@ -234,7 +234,7 @@ class TDMPC2Agent:
         pi_loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.pi_net.parameters(),
                                               cfg.grad_clip_norm, foreach=True)  # fmt: skip
-        self.pi_optim.step()
+        optim.step_if_finite(self.pi_optim, pi_loss, norm)
         self.pi_optim.zero_grad(set_to_none=True)
         return {"pi_loss": pi_loss.detach(), "pi_grad_norm": norm,
                 "pi_entropy": entropy,
