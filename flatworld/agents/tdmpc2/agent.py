@@ -2,8 +2,9 @@
 
 One update, top to bottom:
   1. targets, once, under no_grad: encoded next states and TD targets from the target Q;
-  2. the world-model step: ``wm_optim.step(closure)``; the closure computes predictions and the
-     loss only, so a SAM optimizer's two passes measure against the same targets;
+  2. the world-model step: ``optim.closure_step(wm_optim, closure)``; the closure computes
+     predictions and the loss only, so a SAM optimizer's two passes measure against the same
+     targets. A step whose loss or gradient is not finite is skipped (the policy's too);
   3. the policy step on the latent rollout of the first pass (the model at the weights the
      update started from), through a detached but live view of the Q-ensemble;
   4. Polyak update of the target Q from the live weights.
