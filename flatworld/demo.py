@@ -54,7 +54,7 @@ def train_classifier(spec: optim.OptimSpec, steps: int, seed: int, label: str) -
             return loss
 
         opt.zero_grad(set_to_none=True)
-        loss = opt.step(closure)
+        loss = optim.closure_step(opt, closure)  # a non-finite loss skips the step
         if step % 25 == 0:
             curve.append((step, loss.item()))
     params = list(model.parameters())

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flatworld import optim
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +128,7 @@ class Counter:
 def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
           steps: int, batch_size: int, seed: int, counter: Counter | None = None,
           on_step: Callable[[int], None] | None = None) -> Counter:
-    """Minibatch training with `opt.step(closure)`; works for plain optimizers and SAM."""
+    """Minibatch training with `optim.closure_step(opt, closure)`: plain optimizers and SAM."""
     counter = counter or Counter()
     it = batches(len(y), batch_size, torch.Generator().manual_seed(seed))
     for t in range(steps):
@@ -140,7 +142,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
             return loss
 
         opt.zero_grad(set_to_none=True)
-        opt.step(closure)
+        optim.closure_step(opt, closure)  # a non-finite loss skips the step
         if on_step is not None:
             on_step(t)
     return counter

@@ -58,7 +58,7 @@ def _train_one(method: str, split: digits.LODOSplit, steps: int, seed: int,
             return loss
 
         opt.zero_grad(set_to_none=True)
-        opt.step(closure)
+        optim.closure_step(opt, closure)  # a non-finite loss skips the step
     return model
 
 
