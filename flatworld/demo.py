@@ -67,7 +67,7 @@ def train_classifier(spec: optim.OptimSpec, steps: int, seed: int, label: str) -
     return {
         "label": label,
         "test_accuracy": acc,
-        "train_loss": float(train_loss()),
+        "train_loss": float(train_loss().detach()),
         "sharpness_first_order": sharpness.first_order(train_loss, params, rho=0.05),
         "lambda_max": sharpness.lambda_max(train_loss, params, iters=50).value,
         "curve": curve,
