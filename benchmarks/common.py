@@ -10,17 +10,12 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from flatworld.nn.linear import cpu_info
+
 
 def cpu_name() -> str:
     """The CPU's model name, for the JSON of a speed figure."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return cpu_info("model name") or platform.processor() or "unknown"
 
 
 def sync(device: torch.device) -> None:

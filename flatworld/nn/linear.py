@@ -73,15 +73,20 @@ def _has_avx512() -> bool:
             and _cpu_vendor() == "AuthenticAMD")  # fmt: skip
 
 
-def _cpu_vendor() -> str:
+def cpu_info(field: str) -> str | None:
+    """A field of /proc/cpuinfo (``"vendor_id"``, ``"model name"``); None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.split(":", 1)[0].strip() == field:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "unknown"
+    return None
+
+
+def _cpu_vendor() -> str:
+    return cpu_info("vendor_id") or "unknown"
 
 
 def _routed(x: Tensor, weight: Tensor) -> bool:
