@@ -88,15 +88,46 @@ def peak_sgemm(device: torch.device, seconds: float) -> float:
     return peak_matmul_flops(device, PEAK_SHAPES, seconds, rounds=2)
 
 
-def timed_together(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Wall seconds of each call, ``repeats`` rounds of one call of every function in turn,
-    after two warm-up rounds (the heap settles over the first steps: see
-    flatworld.runs.memory). Taking turns puts every function in the same stretch of this
-    shared machine's speed, so ratios between them are fair."""
-    for _ in range(2):
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where getrusage is missing)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# Warm-up ends once a whole round of calls faults in fewer pages than this (4 MB of 4 KB
+# pages): the heap then holds the rounds' pattern of blocks (see flatworld.runs.memory).
+SETTLED_FAULTS = 1024
+
+
+def warm_up(fns: dict, min_rounds: int = 2, max_rounds: int = 8) -> tuple[int, int]:
+    """Rounds of one call of every function in turn until the heap settles: at least
+    ``min_rounds``, then until a round's page faults fall below ``SETTLED_FAULTS`` (at most
+    ``max_rounds``). Where a page fault costs tens of microseconds (measured on a 2-core VM:
+    65k faults added 2 s to a 3.9 s world-model step in its third update), two fixed rounds
+    left the timed rounds still faulting. Returns (rounds, faults in the last round)."""
+    rounds = faults = 0
+    while rounds < max_rounds:
+        before = minor_faults()
         for fn in fns.values():
             fn()
+        rounds, faults = rounds + 1, minor_faults() - before
+        if rounds >= min_rounds and faults < SETTLED_FAULTS:
+            break
+    return rounds, faults
+
+
+def timed_together(fns: dict, repeats: int, device: torch.device,
+                   log: dict | None = None) -> dict[str, list[float]]:  # fmt: skip
+    """Wall seconds of each call, ``repeats`` rounds of one call of every function in turn,
+    after :func:`warm_up`. Taking turns puts every function in the same stretch of this
+    shared machine's speed, so ratios between them are fair. ``log`` gets the warm-up rounds
+    and the page faults of the warm-up's last round and of the timed rounds."""
+    rounds, last = warm_up(fns)
     out: dict[str, list[float]] = {name: [] for name in fns}
+    before = minor_faults()
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
@@ -104,12 +135,10 @@ def timed_together(fns: dict, repeats: int, device: torch.device) -> dict[str, l
             fn()
             sync(device)
             out[name].append(time.perf_counter() - t)
+    if log is not None:
+        log.update(warmup_rounds=rounds, warmup_last_round_faults=last,
+                   timed_rounds_faults=minor_faults() - before)  # fmt: skip
     return out
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median wall seconds per call (see :func:`timed_together`)."""
-    return statistics.median(timed_together({"fn": fn}, repeats, device)["fn"])
 
 
 def make_batch(steps: int, batch: int, actions: int, obs_shape, device) -> dict[str, torch.Tensor]:
@@ -148,13 +177,16 @@ def bench(seq_model: str, device: torch.device, args: argparse.Namespace,
                            "gflop_per_s": fl / sec / 1e9, "frac_peak": fl / sec / peaks[prec]}
 
     speedup: dict[str, float] = {}
+    warmups: list[dict] = []  # per group timed together: its warm-up and page faults
 
     def paired(secs: dict, a: tuple, b: tuple) -> float:
         return statistics.median(x / y for x, y in zip(secs[a], secs[b], strict=True))
 
     def together(fns: dict, per_call: float = 1.0) -> dict:
         """Time fns {(name, prec): fn} in turns; record each, and the paired fp32/bf16 ratio."""
-        secs = timed_together(fns, args.repeats, device)
+        log: dict = {}
+        secs = timed_together(fns, args.repeats, device, log)
+        warmups.append({"timed": sorted(dict.fromkeys(name for name, _ in fns)), **log})
         for (name, prec), fn in fns.items():
             record(prec, name, fn, statistics.median(secs[name, prec]), per_call)
         if len(precs) > 1:
@@ -240,6 +272,7 @@ def bench(seq_model: str, device: torch.device, args: argparse.Namespace,
                                                 / r["imagine_recompute_window"]["per_s"])
     if speedup:
         res["bf16_speedup_over_fp32"] = speedup
+    res["warmup"] = warmups
     res["reference_published"] = REFERENCE_PUBLISHED[seq_model]
     return res
 

@@ -7,17 +7,33 @@ import pytest
 import torch
 
 
-def test_compared_functions_take_turns_after_two_warm_up_rounds(load_benchmark):
+def test_compared_functions_take_turns_after_two_warm_up_rounds(load_benchmark, monkeypatch):
     bench = load_benchmark("dreamer_throughput")
+    monkeypatch.setattr(bench, "minor_faults", lambda: 0)  # a settled heap: no page faults
     calls: list[str] = []
     fns = {name: (lambda n=name: calls.append(n)) for name in ("adam", "sam")}
-    secs = bench.timed_together(fns, repeats=3, device=torch.device("cpu"))
+    log: dict = {}
+    secs = bench.timed_together(fns, repeats=3, device=torch.device("cpu"), log=log)
     assert calls == ["adam", "sam"] * 5  # 2 warm-up rounds, then 3 timed ones
     assert {k: len(v) for k, v in secs.items()} == {"adam": 3, "sam": 3}
     assert all(t >= 0.0 for v in secs.values() for t in v)
-    single: list[int] = []
-    assert bench.timed(lambda: single.append(1), repeats=4, device=torch.device("cpu")) >= 0.0
-    assert len(single) == 6
+    assert log == {"warmup_rounds": 2, "warmup_last_round_faults": 0, "timed_rounds_faults": 0}
+
+
+def test_warm_up_goes_on_while_a_round_still_faults_in_pages(load_benchmark, monkeypatch):
+    """Rounds whose page faults stay above SETTLED_FAULTS are not timed: the warm-up ends at
+    the first round below it (after at least two), or at max_rounds."""
+    bench = load_benchmark("dreamer_throughput")
+    per_round = iter([50_000, 30_000, 4_000, 10, 0, 0, 0, 0])
+    total = {"faults": 0}
+
+    def one_round() -> None:
+        total["faults"] += next(per_round)
+
+    monkeypatch.setattr(bench, "minor_faults", lambda: total["faults"])
+    assert bench.warm_up({"update": one_round}) == (4, 10)
+    per_round = iter([9_999] * 8)
+    assert bench.warm_up({"update": one_round}, max_rounds=5) == (5, 9_999)
 
 
 def test_flops_count_in_place_matmuls_like_their_out_of_place_twins(load_benchmark):
