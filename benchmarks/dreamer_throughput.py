@@ -106,7 +106,7 @@ def warm_up(fns: dict, min_rounds: int = 2, max_rounds: int = 8) -> tuple[int, i
     """Rounds of one call of every function in turn until the heap settles: at least
     ``min_rounds``, then until a round's page faults fall below ``SETTLED_FAULTS`` (at most
     ``max_rounds``). Where a page fault costs tens of microseconds (measured on a 2-core VM:
-    65k faults added 2 s to a 3.9 s world-model step in its third update), two fixed rounds
+    65k faults added 2 s to a 3.9 s world-model step in its second update), two fixed rounds
     left the timed rounds still faulting. Returns (rounds, faults in the last round)."""
     rounds = faults = 0
     while rounds < max_rounds:
