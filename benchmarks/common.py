@@ -4,6 +4,7 @@ this folder is on the import path)."""
 from __future__ import annotations
 
 import platform
+import resource
 import time
 from collections.abc import Callable, Iterable
 
@@ -16,6 +17,12 @@ from flatworld.nn.linear import cpu_info
 def cpu_name() -> str:
     """The CPU's model name, for the JSON of a speed figure."""
     return cpu_info("model name") or platform.processor() or "unknown"
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far: memory the allocator returned to the system
+    and touches again. On these virtual machines each one is slow."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def sync(device: torch.device) -> None:

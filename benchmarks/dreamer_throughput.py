@@ -37,7 +37,7 @@ import statistics
 import time
 
 import torch
-from common import cpu_name, flops_of, peak_matmul_flops, sync
+from common import cpu_name, flops_of, minor_faults, peak_matmul_flops, sync
 
 from flatworld import optim
 from flatworld.agents.dreamer import DreamerConfig, make
@@ -86,15 +86,6 @@ def peak_matmul(device: torch.device, seconds: float, precision: str = "fp32") -
 def peak_sgemm(device: torch.device, seconds: float) -> float:
     """The same peak through torch's own fp32 product (sgemm on a CPU)."""
     return peak_matmul_flops(device, PEAK_SHAPES, seconds, rounds=2)
-
-
-def minor_faults() -> int:
-    """Minor page faults of this process so far (0 where getrusage is missing)."""
-    try:
-        import resource
-    except ImportError:  # not a Unix
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 # Warm-up ends once a whole round of calls faults in fewer pages than this (4 MB of 4 KB

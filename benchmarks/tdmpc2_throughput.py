@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
 
 import numpy as np
 import torch
-from common import flops_of, peak_matmul_flops, sync
+from common import flops_of, minor_faults, peak_matmul_flops, sync
 from torch._dynamo.utils import counters
 
 from flatworld import optim
@@ -69,13 +68,12 @@ def batch(cfg: TDMPC2Config, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def page_faults(fn, n: int) -> float:
-    """Minor page faults per call after warm-up (resource.getrusage): memory the allocator
-    returned to the system and touches again. On these virtual machines each one is slow."""
+    """Minor page faults per call after warm-up (see common.minor_faults)."""
     fn()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    before = minor_faults()
     for _ in range(n):
         fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / n
+    return (minor_faults() - before) / n
 
 
 def timed(fn, n: int, repeats: int, device: torch.device) -> tuple[float, float]:
