@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from flatworld import optim
 from flatworld.agents.dreamer import (
@@ -34,7 +35,7 @@ SAM = optim.SamSpec(rho=0.5)
 
 def tiny_tssm(seed: int = 0, **kw) -> TSSM:
     torch.manual_seed(seed)
-    base = dict(width=W, blocks=2, heads=2, ff_mult=2, dropout=0.1, context=8, units=16,
+    base = dict(width=W, blocks=2, heads=2, ff_mult=2, dropout=0.1, context=8,
                 stoch=S, classes=C)  # fmt: skip
     return TSSM(E, ACT, **{**base, **kw}).eval()
 
@@ -68,9 +69,12 @@ def observe_inputs(steps: int = 10, batch: int = 3, seed: int = 0):
 
 
 def context_tokens(seq: TSSM, stoch, action, is_first):
-    """observe's tokens, rebuilt by hand: token t = Dense([z_{t-1}, a_{t-1}]), zeroed at starts."""
+    """observe's tokens, rebuilt by hand: token t = Mix([z_{t-1}, a_{t-1}]); at an episode start
+    (and t = 0) z_{t-1} is the learned initial latent and a_{t-1} = 0."""
     keep = 1.0 - is_first
-    prev = torch.cat([torch.zeros_like(stoch[:1]), stoch[:-1]]) * keep
+    z0 = seq.initial_latent().expand_as(stoch[0])
+    prev = torch.cat([z0[None], stoch[:-1]])
+    prev = prev * keep + z0 * is_first
     return seq.token(prev, action * keep)
 
 
@@ -113,6 +117,39 @@ def test_published_defaults_and_what_the_decoder_sees():
 
 
 # ---- the transformer -----------------------------------------------------------------------
+def test_layers_around_the_transformer_are_the_published_ones():
+    """TWISTER's action mixer (Linear, LN, SiLU, Linear, LN, no biases) by hand, ReLU
+    feed-forward, single-Linear prior and posterior, and a learned initial latent that an
+    episode start reads (with a zero action) and that learns through it."""
+    seq = tiny_tssm()
+    assert isinstance(seq.prior_net, torch.nn.Linear)
+    assert isinstance(seq.post_net, torch.nn.Linear)
+    assert seq.tok_action.bias is None and seq.tok_out.bias is None
+    g = torch.Generator().manual_seed(1)
+    z = F.one_hot(torch.randint(0, C, (3, S), generator=g), C).float().flatten(-2)
+    a = one_hot_actions(3, seed=2)
+    x = torch.cat([z, a], -1) @ torch.cat([seq.tok_rows, seq.tok_action.weight.t()])
+    x = F.silu(F.layer_norm(x, (W,), seq.tok_norm.weight, seq.tok_norm.bias, 1e-3))
+    x = F.layer_norm(x @ seq.tok_out.weight.t(), (W,), seq.tok_out_norm.weight,
+                     seq.tok_out_norm.bias, 1e-3)  # fmt: skip
+    torch.testing.assert_close(seq.token(z, a), x)
+    blk = seq.blocks[0]
+    h = torch.randn(5, W, generator=g)
+    torch.testing.assert_close(blk.ff(h, 0.0, False), blk.ff2(torch.relu(blk.ff1(h))))
+    z0 = seq.initial_latent()
+    assert torch.equal(z0.detach().view(S, C).sum(-1), torch.ones(S))
+    assert torch.equal(seq.initial(2)["stoch"], z0.detach().expand(2, S * C))
+    embed, action, is_first = observe_inputs()
+    post, _, _ = seq.observe(embed, action, is_first)
+    # Sample 1 starts an episode at t = 6: its token there is Mix([z0, 0]), as at t = 0.
+    zero = torch.zeros(1, ACT)
+    for t, b in ((0, 0), (6, 1)):
+        alone, _, _ = seq.forward_tokens(seq.token(z0[None], zero)[None], torch.ones(1, 1).bool())
+        torch.testing.assert_close(post["deter"][t, b], alone[0, 0])
+    post["deter"].square().sum().backward()
+    assert seq.initial_deter.grad.abs().sum() > 0 and seq.prior_net.bias.grad.abs().sum() > 0
+
+
 def test_causal_a_future_token_changes_no_earlier_output():
     seq = tiny_tssm()
     steps, batch = 12, 3
@@ -363,8 +400,10 @@ def test_every_pass_replays_dropout_and_crops(monkeypatch):
         return orig_loss(data)
 
     monkeypatch.setattr(agent.world_model, "loss", loss)
+    # A mask shows where an input is nonzero (the FF's ReLU zeroes some, and the perturbed pass
+    # zeroes others): (dropped, nonzero) pairs, compared where both passes' inputs are nonzero.
     spy(monkeypatch, tssm_module, "_dropout",
-        lambda a, k, out: a[2] and passes[-1]["drop"].append((out == 0) & (a[0] != 0)))
+        lambda a, k, out: a[2] and passes[-1]["drop"].append(torch.stack([out == 0, a[0] != 0])))
     spy(monkeypatch, wm_module, "random_boxes",
         lambda a, k, out: passes[-1]["boxes"].append(out.clone()))  # fmt: skip
     batch = {k: v[:4, :2] for k, v in synthetic_batch(obs_shape=(3, 64, 64)).items()}
@@ -373,13 +412,18 @@ def test_every_pass_replays_dropout_and_crops(monkeypatch):
     assert len(passes) == 4
     first, second = passes[0], passes[1]
     assert len(first["drop"]) == 2 * 4 and len(first["boxes"]) == 1  # 2 blocks x 4 dropouts
-    assert sum(int(m.sum()) for m in first["drop"]) > 0  # dropout did drop something
-    for key in ("drop", "boxes"):
-        assert all(torch.equal(x, y) for x, y in zip(first[key], second[key], strict=True))
+
+    def same_masks(p: list[Tensor], q: list[Tensor]) -> bool:
+        both = [x[1] & y[1] for x, y in zip(p, q, strict=True)]
+        assert all(b.any() for b in both)  # entries to compare in every mask
+        return all(torch.equal(x[0] & b, y[0] & b) for x, y, b in zip(p, q, both, strict=True))
+
+    assert sum(int((m[0] & m[1]).sum()) for m in first["drop"]) > 0  # dropout dropped some
+    assert same_masks(first["drop"], second["drop"])
+    assert all(torch.equal(x, y) for x, y in zip(first["boxes"], second["boxes"], strict=True))
     # The next update draws afresh.
     assert not torch.equal(passes[2]["boxes"][0], first["boxes"][0])
-    assert not all(torch.equal(x, y) for x, y in zip(first["drop"], passes[2]["drop"],
-                                                     strict=True))  # fmt: skip
+    assert not same_masks(first["drop"], passes[2]["drop"])
 
 
 def test_act_keeps_a_cache_and_resets_at_t0():

@@ -7,14 +7,17 @@ State (the same keys as the RSSM's, plus the attention cache):
   of the current episode; ``slot``: a Python int, the ring slot written last (every state of a
   batch advances together, so the slot is shared and indexing needs no host sync).
 
-Tokens: the token at step t is Dense([z_{t-1}, a_{t-1}]) (``action[t]`` is the action that led
-to observation t, as in the RSSM); at an episode start it is Dense([0, 0]). h_t, the output at
-token t, gives the prior p(z_t | h_t). The posterior q(z_t | e_t) reads the encoder's embedding
-alone, and the decoder sees z_t alone (``decoder_feat``); the heads, actor and critic see
-[h_t, z_t].
+Tokens: the token at step t is Mix([z_{t-1}, a_{t-1}]) (``action[t]`` is the action that led
+to observation t, as in the RSSM), where Mix is TWISTER's action mixer, Linear -> LN -> SiLU ->
+Linear -> LN without biases. At an episode start z_{t-1} is the learned initial latent (the
+prior's mode at a learned h, zeros at first; straight-through, so both learn) and a_{t-1} = 0.
+h_t, the output at token t, gives the prior p(z_t | h_t), a single Linear of h_t. The posterior
+q(z_t | e_t) is a single Linear of the encoder's embedding alone, and the decoder sees z_t alone
+(``decoder_feat``); the heads, actor and critic see [h_t, z_t].
 
-Blocks are post-LN (x = LN(x + Drop(Attn(x))), x = LN(x + Drop(FF(x)))), causal, and attend to
-at most ``ctx`` tokens (themselves included) of their own episode.
+Blocks are post-LN (x = LN(x + Drop(Attn(x))), x = LN(x + Drop(FF(x))), FF = Linear -> ReLU ->
+Linear, PyTorch's default init, as published), causal, and attend to at most ``ctx`` tokens
+(themselves included) of their own episode.
 
 Positions: a learned additive bias per block, per head and per distance 0..ctx-1 (a T5-style
 relative bias, no absolute positions). With a context of 8 the table is tiny and exact for every
@@ -46,6 +49,8 @@ from flatworld.agents.dreamer.sequence import (
     SequenceModel,
     State,
     latent_index,
+    straight_through_onehot,
+    unimix_logits,
 )
 from flatworld.nn.linear import Linear
 
@@ -55,8 +60,18 @@ def _dropout(x: Tensor, p: float, active: bool) -> Tensor:
     return F.dropout(x, p, training=True) if active and p > 0.0 else x
 
 
+def _dist_linear(in_dim: int, latent: int) -> Linear:
+    """A latent's logits from one Linear (TWISTER's prior and posterior heads: Xavier-uniform
+    weights, zero bias)."""
+    layer = Linear(in_dim, latent)
+    with torch.no_grad():
+        nn.init.xavier_uniform_(layer.weight)
+        layer.bias.zero_()
+    return layer
+
+
 class Block(nn.Module):
-    """One post-LN transformer block: multi-head self-attention, then a 2-layer SiLU MLP."""
+    """One post-LN transformer block: multi-head self-attention, then a 2-layer ReLU MLP."""
 
     def __init__(self, width: int, heads: int, ff_mult: int) -> None:
         super().__init__()
@@ -67,18 +82,15 @@ class Block(nn.Module):
         self.ff1 = Linear(width, ff_mult * width)
         self.ff2 = Linear(ff_mult * width, width)
         self.norm2 = nn.LayerNorm(width, eps=LN_EPS)
-        for layer in (self.qkv, self.proj, self.ff1, self.ff2):
-            init_(layer)
 
     def ff(self, x: Tensor, p: float, active: bool) -> Tensor:
-        return self.ff2(_dropout(F.silu(self.ff1(x)), p, active))
+        return self.ff2(_dropout(F.relu(self.ff1(x)), p, active))
 
 
 class TSSM(SequenceModel):
     def __init__(self, embed_dim: int, action_dim: int, width: int = 512, blocks: int = 4,
                  heads: int = 8, ff_mult: int = 2, dropout: float = 0.1, context: int = 8,
-                 units: int = 512, stoch: int = 32, classes: int = 32,
-                 unimix: float = 0.01) -> None:  # fmt: skip
+                 stoch: int = 32, classes: int = 32, unimix: float = 0.01) -> None:  # fmt: skip
         super().__init__()
         if width % heads:
             raise ValueError(f"width={width} is not a multiple of heads={heads}")
@@ -89,24 +101,23 @@ class TSSM(SequenceModel):
         stoch_in, self.tok_action = _split_linear((latent, action_dim), width)
         # The latent's share, as rows (latent, width): a one-hot latent sums them, untransposed.
         self.tok_rows = nn.Parameter(stoch_in.weight.detach().t().contiguous())
-        # A random (not zero) bias before the norm: the episode-start token Dense([0, 0]) would
-        # otherwise be a constant vector, whose LayerNorms (one per sublayer, eps 1e-3) each
-        # scale its gradient by 1/sqrt(eps) ~ 32.
-        self.tok_bias = nn.Parameter(torch.randn(width))
         self.tok_norm = nn.LayerNorm(width, eps=LN_EPS)
+        self.tok_out = Linear(width, width, bias=False)
+        init_(self.tok_out)
+        self.tok_out_norm = nn.LayerNorm(width, eps=LN_EPS)
         self.blocks = nn.ModuleList(Block(width, heads, ff_mult) for _ in range(blocks))
         self.rel_bias = nn.Parameter(torch.zeros(blocks, heads, context))
-        self.prior_net = mlp(width, units, 1, latent)
-        self.post_net = mlp(embed_dim, units, 1, latent)
+        self.prior_net = _dist_linear(width, latent)
+        self.post_net = _dist_linear(embed_dim, latent)
+        self.initial_deter = nn.Parameter(torch.zeros(width))
         # dist[c, j]: the distance from the token in ring slot c (written last) to slot j.
         ar = torch.arange(context)
         self.register_buffer("ring_dist", (ar[:, None] - ar[None]) % context, persistent=False)
 
     # ---- pieces ----------------------------------------------------------------------------
     def token(self, prev_stoch: Tensor, action: Tensor, index: Tensor | None = None) -> Tensor:
-        """The token Dense([z_{t-1}, a_{t-1}]), (..., W). Given ``index``, the columns of the
-        1s of z, z is a sample (one-hot in every group, never the all-zero latent of an episode
-        start), read by row sums."""
+        """The token Mix([z_{t-1}, a_{t-1}]), (..., W). Given ``index``, the columns of the 1s
+        of z (a one-hot in every group), the first layer reads z by row sums."""
         lead = prev_stoch.shape[:-1]
         z = prev_stoch.reshape(-1, prev_stoch.shape[-1])
         if index is not None:
@@ -114,7 +125,17 @@ class TSSM(SequenceModel):
         else:
             x = (z @ self.tok_rows).float()  # autocast's bf16 product: the addmm_ is fp32
         x = x.addmm_(action.reshape(-1, action.shape[-1]), self.tok_action.weight.t())
-        return F.silu(self.tok_norm(x.add_(self.tok_bias))).reshape(*lead, self.width)
+        # fp32 into the last norm: under autocast the residual stream stays fp32 (a CPU's
+        # autocast keeps LayerNorm in its input's dtype).
+        x = self.tok_out_norm(self.tok_out(F.silu(self.tok_norm(x))).float())
+        return x.reshape(*lead, self.width)
+
+    def initial_latent(self) -> Tensor:
+        """(S*C,) the learned initial z: the prior's mode at ``initial_deter``, straight-through
+        (the prior and ``initial_deter`` learn from the episode-start tokens that read it)."""
+        logp = unimix_logits(self.prior_net(self.initial_deter).float()
+                             .unflatten(-1, (self.stoch, self.classes)), self.unimix)  # fmt: skip
+        return straight_through_onehot(logp.argmax(-1), logp).flatten(-2)
 
     def forward_tokens(self, tokens: Tensor, start: Tensor, dropout: bool = False
                        ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
@@ -187,10 +208,11 @@ class TSSM(SequenceModel):
         ref = self.rel_bias
         hd, latent = self.width // self.heads, self.stoch * self.classes
         shape = (len(self.blocks), batch_size, self.heads, self.context, hd)
+        z = self.initial_latent()
         logp = torch.full((batch_size, self.stoch, self.classes), -math.log(self.classes),
                           device=ref.device, dtype=ref.dtype)  # fmt: skip
         return {"deter": ref.new_zeros(batch_size, self.width),
-                "stoch": ref.new_zeros(batch_size, latent), "logits": logp,
+                "stoch": z.detach().expand(batch_size, latent).clone(), "logits": logp,
                 "k": ref.new_zeros(shape), "v": ref.new_zeros(shape),
                 "valid": torch.zeros(batch_size, self.context, dtype=torch.bool,
                                      device=ref.device),
@@ -222,11 +244,11 @@ class TSSM(SequenceModel):
         """All T steps at once. ``state`` gives only the latent before the first token (its
         cache is not attended to: replayed sequences start an episode at t = 0)."""
         stoch, logp, index = self._latent(self.post_net(embed), True)
-        prev0 = torch.zeros_like(stoch[:1]) if state is None else state["stoch"][None]
+        z0 = self.initial_latent()
+        prev0 = (z0.expand_as(stoch[0]) if state is None else state["stoch"])[None]
         start = is_first[..., 0] > 0
-        keep = (~start)[..., None].to(stoch.dtype)
-        prev = torch.cat([prev0, stoch[:-1]]) * keep
-        tokens = self.token(prev, action * keep)
+        prev = torch.where(start[..., None], z0, torch.cat([prev0, stoch[:-1]]))
+        tokens = self.token(prev, action * (~start)[..., None].to(action.dtype))
         h, k, v = self.forward_tokens(tokens, start, dropout=self.training)
         prior_stoch, prior_logp, _ = self._latent(self.prior_net(h), False)  # only logits used
         post = {"deter": h, "stoch": stoch, "logits": logp, "index": index, "k": k, "v": v,

@@ -35,7 +35,7 @@ def make_sequence_model(cfg: DreamerConfig, embed_dim: int, action_dim: int) -> 
                     cfg.unimix)  # fmt: skip
     if cfg.sequence_model == "transformer":
         return TSSM(embed_dim, action_dim, cfg.tssm_width, cfg.tssm_blocks, cfg.tssm_heads,
-                    cfg.tssm_ff_mult, cfg.tssm_dropout, cfg.tssm_context, d["units"], cfg.stoch,
+                    cfg.tssm_ff_mult, cfg.tssm_dropout, cfg.tssm_context, cfg.stoch,
                     cfg.classes, cfg.unimix)  # fmt: skip
     raise ValueError(f"sequence_model={cfg.sequence_model!r}; accepted: {SEQUENCE_MODELS}")
 
