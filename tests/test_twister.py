@@ -294,31 +294,61 @@ def test_info_nce_by_hand():
 
 
 def test_ac_cpc_pairs_actions_and_targets_by_hand():
+    """Head k (0..K-1) pairs the prior feature at t and the actions into t+1..t+k with the
+    augmented posterior sample at t+k; pairs across an episode start are left out."""
     torch.manual_seed(0)
-    steps, batch, feat_dim, K = 5, 2, 3, 2
-    cpc = ACCPC(feat_dim, E, ACT, steps=K, units=8, layers=1, dim=4, decay=0.75)
+    steps, batch, feat_dim, latent, K = 5, 2, 3, 6, 3
+    cpc = ACCPC(feat_dim, latent, ACT, steps=K, units=4, decay=0.75)
     feat = torch.randn(steps, batch, feat_dim)
     action = torch.randn(steps, batch, ACT)
-    target_embed = torch.randn(steps - 1, batch, E)
+    target_z = torch.randn(steps, batch, latent)
     is_first = torch.zeros(steps, batch, 1)
     is_first[3, 1] = 1.0
-    got = cpc(feat, action, target_embed, is_first)
+    got = cpc(feat, action, target_z, is_first)
     want = 0.0
-    w = [0.75, 0.75**2]
-    for k in (1, 2):
+    w = [1.0, 0.75, 0.75**2]
+    for k in range(K):
         preds, tgts, keep = [], [], []
         for t in range(steps - k):
             for b in range(batch):
                 acts = [action[t + j, b] for j in range(1, k + 1)]
-                preds.append(cpc.heads[k - 1](torch.cat([feat[t, b], *acts])))
-                tgts.append(cpc.target(target_embed[t + k - 1, b]))  # observation t + k
+                preds.append(cpc.heads[k](torch.cat([feat[t, b], *acts])))
+                tgts.append(cpc.targets[k](target_z[t + k, b]))  # observation t + k
                 keep.append(float(all(is_first[t + j, b, 0] == 0 for j in range(1, k + 1))))
-        want = want + w[k - 1] / sum(w) * info_nce(torch.stack(preds), torch.stack(tgts),
-                                                   torch.tensor(keep))  # fmt: skip
-        assert 0 < sum(keep) < len(keep)
+        want = want + w[k] / sum(w) * info_nce(torch.stack(preds), torch.stack(tgts),
+                                               torch.tensor(keep))  # fmt: skip
+        assert k == 0 or 0 < sum(keep) < len(keep)
     torch.testing.assert_close(got, want)
-    assert cpc.weights(3) == pytest.approx([0.75**k / sum(0.75**j for j in (1, 2, 3))
-                                            for k in (1, 2, 3)])  # fmt: skip
+    assert cpc.weights(3) == pytest.approx([x / sum(w) for x in w])
+    # As published: each side of a head is Linear, ELU, Linear.
+    assert [type(m) for m in cpc.heads[0]] == [tssm_module.Linear, torch.nn.ELU,
+                                               tssm_module.Linear]  # fmt: skip
+
+
+def test_ac_cpc_reads_the_prior_and_the_augmented_posterior(monkeypatch):
+    """The world-model loss feeds AC-CPC [h_t, z_t ~ prior] and posterior samples of every
+    augmented frame, and its gradient reaches the prior's logits."""
+    agent = make_agent()
+    wm = agent.world_model
+    seen = {}
+    orig = wm.cpc.forward
+
+    def forward(prior_feat, action, target_z, is_first):
+        seen.update(prior_feat=prior_feat, target_z=target_z)
+        return orig(prior_feat, action, target_z, is_first)
+
+    monkeypatch.setattr(wm.cpc, "forward", forward)
+    batch = agent.prepare(synthetic_batch())
+    loss, parts, post = wm.loss(batch)
+    steps, b = batch["obs"].shape[:2]
+    assert seen["prior_feat"].shape == (steps, b, wm.seq.feat_dim)
+    torch.testing.assert_close(seen["prior_feat"][..., :W], post["deter"])  # the same h_t
+    z = seen["target_z"].detach().view(steps, b, S, C)
+    assert torch.equal(z.sum(-1), torch.ones(steps, b, S))  # one-hot samples, all T frames
+    wm.zero_grad()
+    parts_cpc = wm.cpc(seen["prior_feat"], batch["action"], seen["target_z"], batch["is_first"])
+    parts_cpc.backward()
+    assert wm.seq.prior_net.weight.grad.abs().sum() > 0
 
 
 def _bilinear_reference(img: torch.Tensor, box: list[float]) -> torch.Tensor:
@@ -361,7 +391,7 @@ def test_augmentation_is_one_batched_op(monkeypatch):
     spy(monkeypatch, F, "grid_sample", lambda a, k, out: calls.append(a[0].shape))
     batch = {k: v[:4, :2] for k, v in synthetic_batch(obs_shape=(3, 64, 64)).items()}
     agent.update(batch)
-    assert calls == [(3 * 2, 3, 64, 64)]  # frames 1..T-1 of every sequence, at once
+    assert calls == [(4 * 2, 3, 64, 64)]  # every frame of every sequence, at once
 
 
 # ---- SAM, learning, checkpoints ------------------------------------------------------------

@@ -54,8 +54,9 @@ class DreamerConfig:
     tssm_ff_mult: int = 2  # feed-forward width = tssm_ff_mult * tssm_width
     tssm_dropout: float = 0.1
     tssm_context: int = 8  # attention context in steps, the token itself included
-    # AC-CPC (transformer only): heads for 1..cpc_steps steps ahead, weights cpc_decay^k
-    # normalised, InfoNCE on random resized crops (area cpc_crop_min..1) of pixel targets
+    # AC-CPC (transformer only): heads for 0..cpc_steps-1 steps ahead of the prior feature
+    # [h_t, z_t ~ prior], weights cpc_decay^k normalised, InfoNCE on random resized crops
+    # (area cpc_crop_min..1) of pixel targets
     cpc_steps: int = 10  # 0 turns AC-CPC off
     cpc_scale: float = 1.0
     cpc_decay: float = 0.75

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flatworld.agents.dreamer.networks import LN_EPS, OneHotFeat, init_, mlp, onehot_rows
+from flatworld.agents.dreamer.networks import LN_EPS, OneHotFeat, init_, onehot_rows
 from flatworld.agents.dreamer.rssm import _split_linear
 from flatworld.agents.dreamer.sequence import (
     SequenceModel,
@@ -250,11 +250,16 @@ class TSSM(SequenceModel):
         prev = torch.where(start[..., None], z0, torch.cat([prev0, stoch[:-1]]))
         tokens = self.token(prev, action * (~start)[..., None].to(action.dtype))
         h, k, v = self.forward_tokens(tokens, start, dropout=self.training)
-        prior_stoch, prior_logp, _ = self._latent(self.prior_net(h), False)  # only logits used
+        # A prior sample (straight-through), as published: AC-CPC predicts from [h_t, z_t ~ prior].
+        prior_stoch, prior_logp, _ = self._latent(self.prior_net(h), True)
         post = {"deter": h, "stoch": stoch, "logits": logp, "index": index, "k": k, "v": v,
                 "start": start}  # fmt: skip
         prior = {"deter": h, "stoch": prior_stoch, "logits": prior_logp}
         return post, prior, self.feat(post)
+
+    def posterior_sample(self, embed: Tensor) -> Tensor:
+        """A sample (straight-through) of q(z | e) for embeddings (..., E): AC-CPC's targets."""
+        return self._latent(self.post_net(embed), True)[0]
 
     def imagine_start(self, post: State) -> State:
         """Every posterior state of a (T, B) batch as (T*B) start states, each with its own
@@ -317,40 +322,48 @@ def resized_crop(x: Tensor, boxes: Tensor) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-class ACCPC(nn.Module):
-    """Action-conditioned CPC: head k (k = 1..K) maps [h_t, z_t] and the actions that lead to
-    observations t+1..t+k to a prediction of the projected embedding of observation t+k,
-    augmented; InfoNCE over the batch, weighted by decay^k (normalised)."""
+def _projection(in_dim: int, units: int) -> nn.Sequential:
+    """One side of an AC-CPC head, as published: Linear, ELU, Linear (PyTorch's default init)."""
+    return nn.Sequential(Linear(in_dim, units), nn.ELU(), Linear(units, units))
 
-    def __init__(self, feat_dim: int, embed_dim: int, action_dim: int, steps: int = 10,
-                 units: int = 512, layers: int = 2, dim: int = 512,
-                 decay: float = 0.75) -> None:  # fmt: skip
+
+class ACCPC(nn.Module):
+    """Action-conditioned CPC, as in TWISTER: head k (k = 0..K-1) projects the prior feature
+    [h_t, z_t ~ p(z_t | h_t)] with the actions that lead to observations t+1..t+k, and,
+    separately, the posterior sample z of the augmented observation t+k; InfoNCE over the
+    batch, weighted by decay^k (normalised). Step 0 predicts observation t itself from what
+    came before it (h_t has seen tokens up to t, that is z_{t-1} and the action into t)."""
+
+    def __init__(self, feat_dim: int, latent_dim: int, action_dim: int, steps: int = 10,
+                 units: int = 512, decay: float = 0.75) -> None:  # fmt: skip
         super().__init__()
         self.steps, self.decay, self.action_dim = steps, decay, action_dim
-        self.heads = nn.ModuleList(mlp(feat_dim + k * action_dim, units, layers, dim)
-                                   for k in range(1, steps + 1))  # fmt: skip
-        self.target = Linear(embed_dim, dim)
-        init_(self.target)
+        self.heads = nn.ModuleList(_projection(feat_dim + k * action_dim, units)
+                                   for k in range(steps))  # fmt: skip
+        self.targets = nn.ModuleList(_projection(latent_dim, units) for _ in range(steps))
 
     def weights(self, steps: int) -> list[float]:
-        w = [self.decay**k for k in range(1, steps + 1)]
+        w = [self.decay**k for k in range(steps)]
         return [x / sum(w) for x in w]
 
-    def forward(self, feat: Tensor, action: Tensor, target_embed: Tensor, is_first: Tensor
+    def forward(self, prior_feat: Tensor, action: Tensor, target_z: Tensor, is_first: Tensor
                 ) -> Tensor:  # fmt: skip
-        """feat (T, B, F); action (T, B, A), ``action[t]`` leads to observation t;
-        target_embed (T-1, B, E): embeddings of the augmented observations 1..T-1; is_first
+        """prior_feat (T, B, F); action (T, B, A), ``action[t]`` leads to observation t;
+        target_z (T, B, S*C): posterior samples of the augmented observations; is_first
         (T, B, 1). A pair whose steps t+1..t+k hold an episode start is left out (it still
         serves as a negative)."""
-        steps = min(self.steps, feat.shape[0] - 1)
-        target = self.target(target_embed)  # (T-1, B, P)
-        first = is_first[1:, :, 0]
-        loss = feat.new_zeros(())
-        for k, w in zip(range(1, steps + 1), self.weights(steps), strict=True):
-            n = feat.shape[0] - k
-            acts = action[1:].unfold(0, k, 1).transpose(-1, -2).flatten(-2)  # (n, B, k*A)
-            pred = self.heads[k - 1](torch.cat([feat[:n], acts], -1))
-            keep = (first.unfold(0, k, 1).sum(-1) == 0).to(feat.dtype)  # (n, B)
-            loss = loss + w * info_nce(pred.flatten(0, 1), target[k - 1:].flatten(0, 1),
-                                       keep.flatten())  # fmt: skip
+        steps = min(self.steps, prior_feat.shape[0])
+        first = is_first[..., 0]
+        loss = prior_feat.new_zeros(())
+        for k, w in zip(range(steps), self.weights(steps), strict=True):
+            n = prior_feat.shape[0] - k
+            if k:
+                acts = action[1:].unfold(0, k, 1).transpose(-1, -2).flatten(-2)  # (n, B, k*A)
+                x = torch.cat([prior_feat[:n], acts], -1)
+                keep = (first[1:].unfold(0, k, 1).sum(-1) == 0).to(prior_feat.dtype)
+            else:
+                x, keep = prior_feat, torch.ones_like(first)
+            pred = self.heads[k](x)
+            target = self.targets[k](target_z[k:])
+            loss = loss + w * info_nce(pred.flatten(0, 1), target.flatten(0, 1), keep.flatten())
         return loss

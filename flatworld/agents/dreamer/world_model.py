@@ -65,8 +65,8 @@ class WorldModel(nn.Module):
         # AC-CPC comes with the transformer (TWISTER); its heads are world-model parameters.
         self.cpc: ACCPC | None = None
         if cfg.sequence_model == "transformer" and cfg.cpc_steps > 0 and cfg.cpc_scale > 0:
-            self.cpc = ACCPC(feat, self.encoder.out_dim, action_dim, cfg.cpc_steps, d["units"],
-                             d["layers"], d["units"], cfg.cpc_decay)  # fmt: skip
+            self.cpc = ACCPC(feat, cfg.stoch * cfg.classes, action_dim, cfg.cpc_steps,
+                             d["units"], cfg.cpc_decay)  # fmt: skip
 
     def augment(self, obs: Tensor) -> Tensor:
         """AC-CPC's targets: a random resized crop of every frame (..., C, H, W), one batched
@@ -112,8 +112,8 @@ class WorldModel(nn.Module):
                  "cont_loss": cont.mean(), "dyn_loss": dyn.mean(), "rep_loss": rep.mean(),
                  "kl": kl.mean()}  # fmt: skip
         if self.cpc is not None:
-            target = self.encoder(self.augment(data["obs"][1:]))
-            cpc = self.cpc(feat, data["action"], target, data["is_first"])
+            target = self.seq.posterior_sample(self.encoder(self.augment(data["obs"])))
+            cpc = self.cpc(self.seq.feat(prior), data["action"], target, data["is_first"])
             loss = loss + cfg.cpc_scale * cpc
             parts["cpc_loss"] = cpc
         parts = {"wm_loss": loss, **parts}
