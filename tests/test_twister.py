@@ -495,6 +495,14 @@ def test_state_dict_round_trip(sam):
     assert torch.equal(ka, kb) and ka.abs().sum() > 0
 
 
+def test_a_checkpoint_of_the_earlier_tssm_is_refused_with_a_clear_error():
+    a = make_agent()
+    d = a.state_dict()
+    d["world_model"]["seq.tok_bias"] = torch.zeros(W)
+    with pytest.raises(ValueError, match="before 2026-12-04.*893fa02"):
+        make_agent().load_state_dict(d)
+
+
 def test_held_out_figures_are_taken_with_dropout_off():
     agent = make_agent(tssm_dropout=0.5)
     batch = synthetic_batch()

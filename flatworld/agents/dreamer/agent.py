@@ -233,6 +233,12 @@ class DreamerAgent:
                 "act_state": {k: _copy_state(s) for k, s in self._act_state.items()}}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
+        if "seq.tok_bias" in d["world_model"]:
+            raise ValueError(
+                "this checkpoint holds a TSSM from before 2026-12-04 (a one-layer token with a "
+                "bias, MLP prior and posterior, the earlier AC-CPC heads; key seq.tok_bias); the "
+                "TSSM now has the published TWISTER layers and cannot load it. Resume or "
+                "evaluate that run with flatworld at commit 893fa02 or earlier")  # fmt: skip
         self.world_model.load_state_dict(d["world_model"])
         self.ac.load_state_dict(d["ac"])
         self.wm_optim.load_state_dict(d["wm_optim"])
