@@ -32,9 +32,9 @@ def final_return(task: int, sam: bool, seed: int) -> float:
     return 300.0 + 200 * task + (60.0 if sam else 0.0) + 37.0 * ((seed * 7) % 5)
 
 
-def write_run(folder, env, seed, sam, final):
+def write_run(folder, env, seed, sam, final, lr=3e-4):
     folder.mkdir(parents=True)
-    spec = {"base": "adam", "sam": {"rho": 0.05, "adaptive": False} if sam else None}
+    spec = {"base": "adam", "lr": lr, "sam": {"rho": 0.05, "adaptive": False} if sam else None}
     doc = {"run": {"env": env, "seed": seed},
            "agent": {"name": "tdmpc2", "config": {"wm_optim": spec}}}
     (folder / "config.yaml").write_text(yaml.safe_dump(doc))
@@ -60,6 +60,20 @@ def sweep(tmp_path):
         write_run(out / run.run_id, run.task, run.seed, sam,
                   final_return(TASKS.index(run.task), sam, run.seed))
     return out
+
+
+def test_loose_runs_that_differ_beyond_the_seed_are_not_pooled(tmp_path):
+    task = "dmc/cartpole-swingup"
+    runs = [write_run(tmp_path / f"r{s}", task, s, False, 500.0) for s in (1, 2)]
+    runs.append(write_run(tmp_path / "r3", task, 1, False, 100.0, lr=1e-4))
+    runs.append(write_run(tmp_path / "r4", task, 1, True, 300.0))
+    labels = load(None, runs).groupby("run")["label"].first()
+    assert labels[str(runs[0])] == labels[str(runs[1])] == "adam, wm_optim.lr=0.0003"
+    assert labels[str(runs[2])] == "adam, wm_optim.lr=0.0001"
+    assert labels[str(runs[3])] == "sam, rho=0.05, wm_optim.lr=0.0003"
+    # Seeds alone do not change a label.
+    same = load(None, runs[:2]).groupby("run")["label"].first()
+    assert set(same) == {"adam"}
 
 
 def test_store_has_a_row_per_run_and_evaluation(sweep):

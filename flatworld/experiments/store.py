@@ -90,6 +90,36 @@ def loose_run(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
                      "label": label, **fields}  # fmt: skip
 
 
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _label_differences(loose: list[tuple[Path, dict[str, Any]]]
+                       ) -> list[tuple[Path, dict[str, Any]]]:  # fmt: skip
+    """Loose run folders whose agent configs differ beyond the optimizer (a learning rate, a
+    model size) get those fields in their labels, so that they are not pooled as seeds of one
+    arm; folders that differ only by seed keep the optimizer's label. Folders are compared
+    with the others of their agent."""
+    configs = []
+    for d, _ in loose:
+        cfg = yaml.safe_load((d / "config.yaml").read_text())["agent"].get("config") or {}
+        configs.append({k: v for k, v in _flat(cfg).items() if not k.startswith("wm_optim.sam")})
+    out = []
+    for (d, base), cfg in zip(loose, configs, strict=True):
+        peers = [c for (_, b), c in zip(loose, configs, strict=True) if b["agent"] == base["agent"]]
+        keys = sorted({k for c in peers for k in c})
+        extra = ", ".join(f"{k}={cfg.get(k)!r}" for k in keys
+                          if len({repr(c.get(k)) for c in peers}) > 1)  # fmt: skip
+        out.append((d, {**base, "label": f"{base['label']}, {extra}" if extra else base["label"]}))
+    return out
+
+
 def is_sweep(path: str | Path) -> bool:
     return (Path(path) / "spec.yaml").exists()
 
@@ -107,7 +137,10 @@ def load(sweep_dir: str | Path | None = None, run_dirs: list[str | Path] = ()) -
         else:
             raise ValueError(f"{sweep_dir} is neither a sweep folder (spec.yaml) nor a run "
                              "folder (config.yaml)")  # fmt: skip
-    sources += [loose_run(d) for d in run_dirs]
+    loose = [loose_run(d) for d in run_dirs]
+    if sweep_dir is not None and not is_sweep(sweep_dir):
+        loose = [sources.pop(), *loose]
+    sources += _label_differences(loose)
     rows = [row for d, base in sources for row in _rows(d, base)]
     grid_cols: list[str] = []
     for _, base in sources:
