@@ -78,7 +78,10 @@ def sweep_runs(sweep_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     return out
 
 
-def loose_run(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+def loose_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """(folder, its identifying fields, its agent config flattened)."""
+    from flatworld.runs.loop import flat_config
+
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
     if not path.exists():
@@ -87,32 +90,21 @@ def loose_run(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     label, fields = label_of(config)
     return run_dir, {"run": str(run_dir), "task": config["run"]["env"],
                      "agent": config["agent"]["name"], "seed": config["run"]["seed"],
-                     "label": label, **fields}  # fmt: skip
+                     "label": label, **fields}, flat_config(config["agent"].get("config") or {})
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _label_differences(loose: list[tuple[Path, dict[str, Any]]]
+def _label_differences(loose: list[tuple[Path, dict[str, Any], dict[str, Any]]]
                        ) -> list[tuple[Path, dict[str, Any]]]:  # fmt: skip
     """Loose run folders whose agent configs differ beyond the optimizer (a learning rate, a
     model size) get those fields in their labels, so that they are not pooled as seeds of one
     arm; folders that differ only by seed keep the optimizer's label. Folders are compared
     with the others of their agent."""
-    configs = []
-    for d, _ in loose:
-        cfg = yaml.safe_load((d / "config.yaml").read_text())["agent"].get("config") or {}
-        configs.append({k: v for k, v in _flat(cfg).items() if not k.startswith("wm_optim.sam")})
+    configs = [{k: v for k, v in c.items() if not k.startswith("wm_optim.sam")}
+               for _, _, c in loose]  # fmt: skip
     out = []
-    for (d, base), cfg in zip(loose, configs, strict=True):
-        peers = [c for (_, b), c in zip(loose, configs, strict=True) if b["agent"] == base["agent"]]
+    for (d, base, _), cfg in zip(loose, configs, strict=True):
+        peers = [c for (_, b, _), c in zip(loose, configs, strict=True)
+                 if b["agent"] == base["agent"]]  # fmt: skip
         keys = sorted({k for c in peers for k in c})
         extra = ", ".join(f"{k}={cfg.get(k)!r}" for k in keys
                           if len({repr(c.get(k)) for c in peers}) > 1)  # fmt: skip
@@ -129,18 +121,16 @@ def load(sweep_dir: str | Path | None = None, run_dirs: list[str | Path] = ()) -
     import pandas as pd
 
     sources: list[tuple[Path, dict[str, Any]]] = []
+    loose_dirs = list(run_dirs)
     if sweep_dir is not None:
         if is_sweep(sweep_dir):
             sources += sweep_runs(sweep_dir)
         elif (Path(sweep_dir) / "config.yaml").exists():
-            sources.append(loose_run(sweep_dir))
+            loose_dirs.insert(0, sweep_dir)
         else:
             raise ValueError(f"{sweep_dir} is neither a sweep folder (spec.yaml) nor a run "
                              "folder (config.yaml)")  # fmt: skip
-    loose = [loose_run(d) for d in run_dirs]
-    if sweep_dir is not None and not is_sweep(sweep_dir):
-        loose = [sources.pop(), *loose]
-    sources += _label_differences(loose)
+    sources += _label_differences([loose_run(d) for d in loose_dirs])
     rows = [row for d, base in sources for row in _rows(d, base)]
     grid_cols: list[str] = []
     for _, base in sources:

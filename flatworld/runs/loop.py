@@ -704,12 +704,13 @@ def resume(run_dir: str | Path, progress: bool = True, stop_after: int | None = 
     return run_dir
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+def flat_config(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"a.b.c": value} (also used to compare run folders' configs)."""
     if not isinstance(d, dict):
         return {prefix: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        out.update(flat_config(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
 
@@ -717,9 +718,9 @@ def config_differences(run_dir: str | Path, run_cfg: RunConfig, agent_name: str,
                        agent_cfg: Any) -> list[str]:  # fmt: skip
     """`field: stored X, requested Y` for every config field that differs from the run's."""
     stored_run, stored_name, stored_agent = read_config(run_dir)
-    stored = _flat({"run": _config_dict(stored_run), "agent": stored_name,
+    stored = flat_config({"run": _config_dict(stored_run), "agent": stored_name,
                     "config": _config_dict(stored_agent)})  # fmt: skip
-    wanted = _flat({"run": _config_dict(run_cfg), "agent": agent_name,
+    wanted = flat_config({"run": _config_dict(run_cfg), "agent": agent_name,
                     "config": _config_dict(agent_cfg)})  # fmt: skip
     return [f"{k}: stored {stored.get(k)!r}, requested {wanted.get(k)!r}"
             for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
