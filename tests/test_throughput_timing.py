@@ -13,11 +13,36 @@ def test_compared_functions_take_turns_after_two_warm_up_rounds(load_benchmark, 
     calls: list[str] = []
     fns = {name: (lambda n=name: calls.append(n)) for name in ("adam", "sam")}
     log: dict = {}
-    secs = bench.timed_together(fns, repeats=3, device=torch.device("cpu"), log=log)
+    secs = bench.timed_together(fns, repeats=3, device=torch.device("cpu"), log=log,
+                                primed=False)  # fmt: skip
     assert calls == ["adam", "sam"] * 5  # 2 warm-up rounds, then 3 timed ones
     assert {k: len(v) for k, v in secs.items()} == {"adam": 3, "sam": 3}
     assert all(t >= 0.0 for v in secs.values() for t in v)
     assert log == {"warmup_rounds": 2, "warmup_last_round_faults": 0, "timed_rounds_faults": 0}
+    calls.clear()
+    secs = bench.timed_together(fns, repeats=3, device=torch.device("cpu"))  # primed
+    assert calls == ["adam", "adam", "sam", "sam"] * 5  # an untimed call before each timed one
+    assert {k: len(v) for k, v in secs.items()} == {"adam": 3, "sam": 3}
+
+
+def test_primed_rounds_time_and_count_the_second_call_only(load_benchmark, monkeypatch):
+    """A primed round times the call that follows a call of the same function, and counts
+    only that call's page faults: here the first call of each pair faults and takes long."""
+    bench = load_benchmark("dreamer_throughput")
+    clock = {"t": 0.0, "faults": 0, "calls": 0}
+
+    def update() -> None:
+        first = clock["calls"] % 2 == 0
+        clock["calls"] += 1
+        clock["t"] += 5.0 if first else 1.0
+        clock["faults"] += 70_000 if first else 3
+
+    monkeypatch.setattr(bench, "minor_faults", lambda: clock["faults"])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["t"])
+    secs, faults = bench.one_round({"update": update}, torch.device("cpu"))
+    assert secs == {"update": 1.0} and faults == 3
+    secs, faults = bench.one_round({"update": update}, torch.device("cpu"), primed=False)
+    assert secs == {"update": 5.0} and faults == 70_000
 
 
 def test_warm_up_goes_on_while_a_round_still_faults_in_pages(load_benchmark, monkeypatch):
@@ -30,10 +55,11 @@ def test_warm_up_goes_on_while_a_round_still_faults_in_pages(load_benchmark, mon
     def one_round() -> None:
         total["faults"] += next(per_round)
 
+    cpu = torch.device("cpu")
     monkeypatch.setattr(bench, "minor_faults", lambda: total["faults"])
-    assert bench.warm_up({"update": one_round}) == (4, 10)
+    assert bench.warm_up({"update": one_round}, cpu, primed=False) == (4, 10)
     per_round = iter([9_999] * 8)
-    assert bench.warm_up({"update": one_round}, max_rounds=5) == (5, 9_999)
+    assert bench.warm_up({"update": one_round}, cpu, primed=False, max_rounds=5) == (5, 9_999)
 
 
 def test_flops_count_in_place_matmuls_like_their_out_of_place_twins(load_benchmark):

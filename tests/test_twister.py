@@ -24,7 +24,7 @@ from flatworld.agents.dreamer import (
 )
 from flatworld.agents.dreamer import transformer as tssm_module
 from flatworld.agents.dreamer import world_model as wm_module
-from flatworld.agents.dreamer.networks import onehot_index
+from flatworld.agents.dreamer.networks import OneHotFeat, onehot_index
 from flatworld.agents.dreamer.transformer import ACCPC
 from tests.test_dreamer import ACT, OBS, all_params, same, spy, synthetic_batch, tiny
 
@@ -325,6 +325,48 @@ def test_ac_cpc_pairs_actions_and_targets_by_hand():
                                                tssm_module.Linear]  # fmt: skip
 
 
+def test_ac_cpc_reads_one_hot_latents_as_their_dense_product():
+    """Given OneHotFeat inputs (the world model's samples), AC-CPC sums weight rows instead of
+    multiplying dense one-hots: the same loss and the same gradients, to float rounding, for
+    the heads and for the straight-through inputs."""
+    torch.manual_seed(0)
+    steps, batch, deter, groups, classes, K = 6, 3, 5, 4, 3, 3
+    latent = groups * classes
+    cpc = ACCPC(deter + latent, latent, ACT, steps=K, units=8)
+    h = torch.randn(steps, batch, deter)
+    action = torch.randn(steps, batch, ACT)
+    is_first = torch.zeros(steps, batch, 1)
+    is_first[2, 0] = 1.0
+
+    def one_hot_sample():
+        index = torch.randint(0, classes, (steps, batch, groups))
+        z = torch.nn.functional.one_hot(index, classes).float().flatten(-2).requires_grad_()
+        return z, index + torch.arange(0, latent, classes)
+
+    z_prior, prior_index = one_hot_sample()
+    z_target, target_index = one_hot_sample()
+
+    def run(one_hot):
+        cpc.zero_grad()
+        for x in (h, z_prior, z_target):
+            x.grad = None
+        if one_hot:
+            loss = cpc(OneHotFeat(h, z_prior, prior_index), action,
+                       OneHotFeat(z_target[..., :0], z_target, target_index), is_first)
+        else:
+            loss = cpc(torch.cat([h, z_prior], -1), action, z_target, is_first)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in cpc.parameters()], [
+            x.grad.clone() for x in (z_prior, z_target)]
+
+    h.requires_grad_()
+    dense, rows = run(False), run(True)
+    torch.testing.assert_close(rows[0], dense[0])
+    for got, want in zip(rows[1] + rows[2], dense[1] + dense[2], strict=True):
+        torch.testing.assert_close(got, want)
+    assert dense[2][0].abs().sum() > 0  # the straight-through inputs do get a gradient
+
+
 def test_ac_cpc_reads_the_prior_and_the_augmented_posterior(monkeypatch):
     """The world-model loss feeds AC-CPC [h_t, z_t ~ prior] and posterior samples of every
     augmented frame, and its gradient reaches the prior's logits."""
@@ -341,10 +383,15 @@ def test_ac_cpc_reads_the_prior_and_the_augmented_posterior(monkeypatch):
     batch = agent.prepare(synthetic_batch())
     loss, parts, post = wm.loss(batch)
     steps, b = batch["obs"].shape[:2]
-    assert seen["prior_feat"].shape == (steps, b, wm.seq.feat_dim)
-    torch.testing.assert_close(seen["prior_feat"][..., :W], post["deter"])  # the same h_t
-    z = seen["target_z"].detach().view(steps, b, S, C)
-    assert torch.equal(z.sum(-1), torch.ones(steps, b, S))  # one-hot samples, all T frames
+    prior_feat, target = seen["prior_feat"], seen["target_z"]
+    assert isinstance(prior_feat, OneHotFeat) and isinstance(target, OneHotFeat)
+    assert prior_feat.dense.shape[-1] + prior_feat.onehot.shape[-1] == wm.seq.feat_dim
+    torch.testing.assert_close(prior_feat.dense, post["deter"])  # the same h_t
+    for zs in (prior_feat, target):  # one-hot samples of every frame, their 1s at ``index``
+        z = zs.onehot.detach().view(steps, b, S, C)
+        assert torch.equal(z.sum(-1), torch.ones(steps, b, S))
+        assert torch.equal(onehot_index(zs.onehot, S), zs.index)
+    assert target.dense.shape[-1] == 0  # the target side reads the latent alone
     wm.zero_grad()
     parts_cpc = wm.cpc(seen["prior_feat"], batch["action"], seen["target_z"], batch["is_first"])
     parts_cpc.backward()

@@ -154,24 +154,29 @@ class OneHotFeat:
         return OneHotFeat(self.dense.detach(), self.onehot.detach(), self.index)
 
 
-def feed(net: nn.Sequential | nn.Linear, x: Tensor | OneHotFeat) -> Tensor:
-    """``net(x)`` for an :func:`mlp` or a Linear, reading a :class:`OneHotFeat` without
-    concatenating it."""
+def feed(net: nn.Sequential | nn.Linear, x: Tensor | OneHotFeat,
+         tail: Tensor | None = None) -> Tensor:  # fmt: skip
+    """``net([x, tail])`` for an :func:`mlp`, a Linear or a Sequential that starts with one,
+    reading a :class:`OneHotFeat` without concatenating it; ``tail`` (optional) holds dense
+    columns that follow the feature (AC-CPC's actions)."""
     if isinstance(x, Tensor):
-        return net(x).float()
+        return net(x if tail is None else torch.cat([x, tail], -1)).float()
     layers = list(net) if isinstance(net, nn.Sequential) else [net]
     first = layers[0]
     first_linear = first[0] if isinstance(first, Dense) else first
     d, w = x.dense.shape[-1], first_linear.weight
+    end = d + x.onehot.shape[-1]
     lead = x.dense.shape[:-1]
     h = onehot_matmul(x.onehot.reshape(-1, x.onehot.shape[-1]),
-                      x.index.reshape(-1, x.index.shape[-1]), w[:, d:])  # fmt: skip
-    if d > 0:
-        dense = x.dense.reshape(-1, d)
+                      x.index.reshape(-1, x.index.shape[-1]), w[:, d:end])  # fmt: skip
+    for part, cols in ((x.dense, w[:, :d]), (tail, w[:, end:])):
+        if part is None or part.shape[-1] == 0:
+            continue
+        part = part.reshape(-1, part.shape[-1])
         if torch.is_autocast_enabled(h.device.type):  # autocast casts out-of-place ops only
-            h = torch.addmm(h, dense, w[:, :d].t())
+            h = torch.addmm(h, part, cols.t())
         else:  # in place, into the fresh sum: an out-of-place sum would first copy it
-            add_linear_(h, dense, w[:, :d])
+            add_linear_(h, part, cols)
     if first_linear.bias is not None:
         h.add_(first_linear.bias)
     h = h.view(*lead, h.shape[-1])

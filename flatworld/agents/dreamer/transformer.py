@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flatworld.agents.dreamer.networks import LN_EPS, OneHotFeat, init_, onehot_rows
+from flatworld.agents.dreamer.networks import LN_EPS, OneHotFeat, feed, init_, onehot_rows
 from flatworld.agents.dreamer.rssm import _split_linear
 from flatworld.agents.dreamer.sequence import (
     SequenceModel,
@@ -251,15 +251,17 @@ class TSSM(SequenceModel):
         tokens = self.token(prev, action * (~start)[..., None].to(action.dtype))
         h, k, v = self.forward_tokens(tokens, start, dropout=self.training)
         # A prior sample (straight-through), as published: AC-CPC predicts from [h_t, z_t ~ prior].
-        prior_stoch, prior_logp, _ = self._latent(self.prior_net(h), True)
+        prior_stoch, prior_logp, prior_index = self._latent(self.prior_net(h), True)
         post = {"deter": h, "stoch": stoch, "logits": logp, "index": index, "k": k, "v": v,
                 "start": start}  # fmt: skip
-        prior = {"deter": h, "stoch": prior_stoch, "logits": prior_logp}
+        prior = {"deter": h, "stoch": prior_stoch, "logits": prior_logp, "index": prior_index}
         return post, prior, self.feat(post)
 
-    def posterior_sample(self, embed: Tensor) -> Tensor:
-        """A sample (straight-through) of q(z | e) for embeddings (..., E): AC-CPC's targets."""
-        return self._latent(self.post_net(embed), True)[0]
+    def posterior_sample(self, embed: Tensor) -> OneHotFeat:
+        """A sample (straight-through) of q(z | e) for embeddings (..., E), with the columns
+        of its 1s: AC-CPC's targets."""
+        z, _, index = self._latent(self.post_net(embed), True)
+        return OneHotFeat(z[..., :0], z, index)
 
     def imagine_start(self, post: State) -> State:
         """Every posterior state of a (T, B) batch as (T*B) start states, each with its own
@@ -346,24 +348,25 @@ class ACCPC(nn.Module):
         w = [self.decay**k for k in range(steps)]
         return [x / sum(w) for x in w]
 
-    def forward(self, prior_feat: Tensor, action: Tensor, target_z: Tensor, is_first: Tensor
-                ) -> Tensor:  # fmt: skip
+    def forward(self, prior_feat: Tensor | OneHotFeat, action: Tensor,
+                target_z: Tensor | OneHotFeat, is_first: Tensor) -> Tensor:  # fmt: skip
         """prior_feat (T, B, F); action (T, B, A), ``action[t]`` leads to observation t;
         target_z (T, B, S*C): posterior samples of the augmented observations; is_first
         (T, B, 1). A pair whose steps t+1..t+k hold an episode start is left out (it still
-        serves as a negative)."""
-        steps = min(self.steps, prior_feat.shape[0])
+        serves as a negative). Given as ``OneHotFeat`` (the world model's one-hot samples),
+        the heads' first layers read the latents by row sums instead of dense products."""
+        steps = min(self.steps, len(is_first))
         first = is_first[..., 0]
-        loss = prior_feat.new_zeros(())
+        loss = is_first.new_zeros(())
         for k, w in zip(range(steps), self.weights(steps), strict=True):
-            n = prior_feat.shape[0] - k
+            n = len(is_first) - k
+            acts = None
             if k:
                 acts = action[1:].unfold(0, k, 1).transpose(-1, -2).flatten(-2)  # (n, B, k*A)
-                x = torch.cat([prior_feat[:n], acts], -1)
-                keep = (first[1:].unfold(0, k, 1).sum(-1) == 0).to(prior_feat.dtype)
+                keep = (first[1:].unfold(0, k, 1).sum(-1) == 0).to(loss.dtype)
             else:
-                x, keep = prior_feat, torch.ones_like(first)
-            pred = self.heads[k](x)
-            target = self.targets[k](target_z[k:])
+                keep = torch.ones_like(first)
+            pred = feed(self.heads[k], prior_feat[:n], acts)
+            target = feed(self.targets[k], target_z[k:])
             loss = loss + w * info_nce(pred.flatten(0, 1), target.flatten(0, 1), keep.flatten())
         return loss

@@ -113,7 +113,7 @@ class WorldModel(nn.Module):
                  "kl": kl.mean()}  # fmt: skip
         if self.cpc is not None:
             target = self.seq.posterior_sample(self.encoder(self.augment(data["obs"])))
-            cpc = self.cpc(self.seq.feat(prior), data["action"], target, data["is_first"])
+            cpc = self.cpc(self.seq.onehot_feat(prior), data["action"], target, data["is_first"])
             loss = loss + cfg.cpc_scale * cpc
             parts["cpc_loss"] = cpc
         parts = {"wm_loss": loss, **parts}
