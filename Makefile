@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
+# Two entry points for a fresh machine: `make demo` and `make test` (`make docs` builds the site).
 # Each creates .venv if it is missing. torch is pinned to the CPU wheel that lies on
 # disk here; where torch is already importable (a GPU machine) it is left alone.
 PY ?= python3
@@ -24,7 +24,15 @@ lint: venv
 demo: venv
 	$(BIN)/python -m flatworld.cli demo
 
-clean:
-	rm -rf $(VENV) runs-demo
+# The documentation site into site/; --strict turns a broken link or a missing page into an error.
+$(BIN)/.docs-installed: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
 
-.PHONY: venv test lint demo clean
+docs: $(BIN)/.docs-installed
+	$(BIN)/mkdocs build --strict
+
+clean:
+	rm -rf $(VENV) runs-demo site
+
+.PHONY: venv test lint demo docs clean
