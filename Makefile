@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-EXTRAS ?= envs,atari,logs,ray,bench,dev
+EXTRAS ?= envs,atari,logs,ray,bench,video,dev
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv --system-site-packages $(VENV)
