@@ -19,6 +19,7 @@ from flatworld.agents.dreamer import (
 )
 from flatworld.agents.dreamer import agent as agent_module
 from flatworld.agents.dreamer.networks import MLPDecoder, OneHotFeat, feed, mlp, onehot_index
+from flatworld.agents.dreamer.world_model import WorldModel
 from flatworld.nn import TwoHot, symexp, symlog
 
 T, B, OBS, ACT = 8, 4, 6, 3
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny(**kw) -> DreamerConfig:
     base = dict(model_size="XS", deter=16, units=16, layers=1, cnn_depth=2, stoch=4, classes=4,
-                batch_size=B, seq_len=T, imag_horizon=3)  # fmt: skip
+                batch_size=B, seq_len=T, imag_horizon=3, vector_mlp="size")  # fmt: skip
     return DreamerConfig(**{**base, **kw})
 
 
@@ -109,12 +110,39 @@ def test_config_validation_names_the_field(kw, field):
         DreamerConfig(**kw).validate()
 
 
+def test_the_suite_sets_the_train_ratio_and_a_flag_overrides_it():
+    """DreamerV3 v1: 512 on DMC, 1024 on Atari-100k; suites it never ran keep 1024."""
+    cfg = DreamerConfig()
+    assert cfg.train_ratio is None
+    assert cfg.for_env("dmc/walker-walk").train_ratio == 512
+    assert cfg.for_env("atari/Pong").train_ratio == 1024
+    assert cfg.for_env("gym/CartPole-v1").train_ratio == 1024
+    assert DreamerConfig(train_ratio=32).for_env("dmc/walker-walk").train_ratio == 32
+    with pytest.raises(ValueError, match="train_ratio"):
+        DreamerConfig(train_ratio=0).validate()
+
+
+def test_vector_observations_pass_through_the_published_5_x_1024_mlp():
+    """DreamerV3 v1 as it ran: 5 layers of 1024 units for vector inputs at every size; the
+    size's own MLP stays an option (vector_mlp='size')."""
+    def widths(cfg):
+        wm = WorldModel(cfg, (7,), ACT)
+        enc = [m.out_features for m in wm.encoder.modules() if isinstance(m, torch.nn.Linear)]
+        dec = [m.out_features for m in wm.decoder.modules() if isinstance(m, torch.nn.Linear)]
+        return enc, dec
+
+    enc, dec = widths(DreamerConfig(model_size="XS"))
+    assert enc == [1024] * 5 and dec == [1024] * 5 + [7]
+    enc, dec = widths(DreamerConfig(model_size="XS", vector_mlp="size"))
+    assert enc == [256] and dec == [256, 7]
+
+
 def test_config_defaults_and_from_dict():
     cfg = DreamerConfig().validate()
     assert cfg.dims() == dict(deter=512, units=512, layers=2, cnn_depth=32)
     assert (cfg.stoch, cfg.classes, cfg.num_bins, cfg.batch_size, cfg.seq_len) == (
         32, 32, 255, 16, 64)
-    assert cfg.train_ratio / (cfg.batch_size * cfg.seq_len) == 1.0
+    assert cfg.resolved_train_ratio() / (cfg.batch_size * cfg.seq_len) == 1.0
     assert cfg.wm_optim.lr == 1e-4 and cfg.wm_optim.sam is None
     cfg = DreamerConfig.from_dict({"model_size": "M", "wm_optim": {"lr": 3e-4,
                                    "betas": [0.9, 0.99], "sam": {"rho": 0.1}}})  # fmt: skip

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from flatworld import cli, optim
+from flatworld.agents import AGENTS
 from flatworld.agents.dreamer import DreamerConfig
 from flatworld.runs import RunConfig, resume, train
 from flatworld.runs.logger import read_metrics
@@ -20,7 +21,8 @@ TIMING = {"sps", "wall_s"}
 def tiny(sam: bool = False, **kw) -> DreamerConfig:
     spec = optim.OptimSpec(lr=1e-3, eps=1e-8, sam=optim.SamSpec(rho=0.1) if sam else None)
     base = dict(model_size="XS", deter=16, units=16, layers=1, cnn_depth=2, stoch=4, classes=4,
-                batch_size=2, seq_len=8, train_ratio=8, imag_horizon=3, wm_optim=spec)
+                batch_size=2, seq_len=8, train_ratio=8, imag_horizon=3, wm_optim=spec,
+                vector_mlp="size")
     return DreamerConfig(**{**base, **kw})
 
 
@@ -54,9 +56,10 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_killed_dreamer_run_resumes_to_identical_metrics(tmp_path, case):
     kw, sam = CASES[case], case != "gym"
-    train(run_cfg(tmp_path / "ref", **kw), "dreamer", tiny(sam), progress=False)
-    train(run_cfg(tmp_path / "cut", **kw), "dreamer", tiny(sam), progress=False, stop_after=47)
-    resume(tmp_path / "cut", progress=False)
+    train(run_cfg(tmp_path / "ref", **kw), "dreamer", tiny(sam), agents=AGENTS, progress=False)
+    train(run_cfg(tmp_path / "cut", **kw), "dreamer", tiny(sam),
+          agents=AGENTS, progress=False, stop_after=47)
+    resume(tmp_path / "cut", agents=AGENTS, progress=False)
     ref = numbers(tmp_path / "ref")
     assert numbers(tmp_path / "cut") == ref
     assert ref[-1]["updates"] == str((60 - 20 + 1) // 2)  # train ratio 8 / (2 x 8) = 0.5
@@ -88,7 +91,8 @@ def test_eval_gives_human_normalized_atari_scores(tmp_path, capsys):
     from flatworld.envs.atari import score_table
 
     run_dir = tmp_path / "r"
-    train(run_cfg(run_dir, **CASES["atari"], steps=30), "dreamer", tiny(), progress=False)
+    train(run_cfg(run_dir, **CASES["atari"], steps=30), "dreamer", tiny(),
+          agents=AGENTS, progress=False)
     cli.main(["eval", str(run_dir), "--episodes", "2"])
     out = json.loads(capsys.readouterr().out)
     row = score_table()["Pong"]
@@ -100,10 +104,12 @@ def test_eval_gives_human_normalized_atari_scores(tmp_path, capsys):
 @pytest.mark.parametrize("case", ["atari", "gym"])
 def test_killed_twister_run_resumes_to_identical_metrics(tmp_path, case):
     kw = CASES[case]
-    train(run_cfg(tmp_path / "ref", **kw), "twister", tiny_twister(sam=True), progress=False)
-    train(run_cfg(tmp_path / "cut", **kw), "twister", tiny_twister(sam=True), progress=False,
+    train(run_cfg(tmp_path / "ref", **kw), "twister", tiny_twister(sam=True),
+          agents=AGENTS, progress=False)
+    train(run_cfg(tmp_path / "cut", **kw), "twister", tiny_twister(sam=True),
+          agents=AGENTS, progress=False,
           stop_after=47)
-    resume(tmp_path / "cut", progress=False)
+    resume(tmp_path / "cut", agents=AGENTS, progress=False)
     ref = numbers(tmp_path / "ref")
     assert numbers(tmp_path / "cut") == ref
     stored = yaml.safe_load((tmp_path / "ref" / "config.yaml").read_text())

@@ -135,7 +135,7 @@ def test_layers_around_the_transformer_are_the_published_ones():
     torch.testing.assert_close(seq.token(z, a), x)
     blk = seq.blocks[0]
     h = torch.randn(5, W, generator=g)
-    torch.testing.assert_close(blk.ff(h, 0.0, False), blk.ff2(torch.relu(blk.ff1(h))))
+    torch.testing.assert_close(blk.ff(h), blk.ff2(torch.relu(blk.ff1(h))))
     z0 = seq.initial_latent()
     assert torch.equal(z0.detach().view(S, C).sum(-1), torch.ones(S))
     assert torch.equal(seq.initial(2)["stoch"], z0.detach().expand(2, S * C))
@@ -163,14 +163,14 @@ def test_causal_a_future_token_changes_no_earlier_output():
         torch.testing.assert_close(h2[:t], h[:t], rtol=0, atol=1e-6)
         torch.testing.assert_close(k2[:t], k[:t], rtol=0, atol=1e-6)
         assert (h2[t] - h[t]).abs().max() > 1e-3
-    # The context window: block 1 at step t attends to tokens t-7..t only, so the keys of
-    # block 2 (computed from block 1's output) ignore token 0 from t = 8 on; the output of
-    # block 2 at t = 8 still sees it, through block 1's output at t = 1..7.
+    # The context window: block 1 at step t attends to tokens t-8..t only, so the keys of
+    # block 2 (computed from block 1's output) ignore token 0 from t = 9 on; the output of
+    # block 2 at t = 9 still sees it, through block 1's output at t = 1..8.
     changed = tokens.clone()
     changed[0] += 1.0
     h2, k2, _ = seq.forward_tokens(changed, start)
-    assert (k2[8:, :, 1] - k[8:, :, 1]).abs().max() == 0
-    assert (k2[7, :, 1] - k[7, :, 1]).abs().max() > 0 and (h2[8] - h[8]).abs().max() > 0
+    assert (k2[9:, :, 1] - k[9:, :, 1]).abs().max() == 0
+    assert (k2[8, :, 1] - k[8, :, 1]).abs().max() > 0 and (h2[9] - h[9]).abs().max() > 0
     # Through observe: changing the action that leads to step 5 leaves steps 0..4 alone.
     embed, action, is_first = observe_inputs()
     torch.manual_seed(1)
@@ -207,9 +207,9 @@ def test_no_attention_across_an_episode_start():
     # Imagination's start states see only their own episode's context.
     embed, action, is_first = observe_inputs()
     post, _, _ = seq.observe(embed, action, is_first)
-    valid = seq.imagine_start(post)["valid"].view(10, 3, 8)
-    assert valid[7, 1].tolist() == [False] * 6 + [True] * 2  # steps 6 and 7 of episode 2
-    assert valid[7, 0].tolist() == [True] * 8 and valid[2, 0].tolist() == [False] * 5 + [True] * 3
+    valid = seq.imagine_start(post)["valid"].view(10, 3, 9)
+    assert valid[7, 1].tolist() == [False] * 7 + [True] * 2  # steps 6 and 7 of episode 2
+    assert valid[8, 0].tolist() == [True] * 9 and valid[2, 0].tolist() == [False] * 6 + [True] * 3
 
 
 @pytest.mark.parametrize("grad", [False, True])
@@ -320,9 +320,10 @@ def test_ac_cpc_pairs_actions_and_targets_by_hand():
         assert k == 0 or 0 < sum(keep) < len(keep)
     torch.testing.assert_close(got, want)
     assert cpc.weights(3) == pytest.approx([x / sum(w) for x in w])
-    # As published: each side of a head is Linear, ELU, Linear.
-    assert [type(m) for m in cpc.heads[0]] == [tssm_module.Linear, torch.nn.ELU,
-                                               tssm_module.Linear]  # fmt: skip
+    # As in TWISTER's code: each side of a head is Linear, ELU, Linear, ELU.
+    for side in (cpc.heads[0], cpc.targets[0]):
+        assert [type(m) for m in side] == [tssm_module.Linear, torch.nn.ELU,
+                                           tssm_module.Linear, torch.nn.ELU]  # fmt: skip
 
 
 def test_ac_cpc_reads_one_hot_latents_as_their_dense_product():
@@ -488,7 +489,7 @@ def test_every_pass_replays_dropout_and_crops(monkeypatch):
     agent.update(batch)
     assert len(passes) == 4
     first, second = passes[0], passes[1]
-    assert len(first["drop"]) == 2 * 4 and len(first["boxes"]) == 1  # 2 blocks x 4 dropouts
+    assert len(first["drop"]) == 2 * 3 and len(first["boxes"]) == 1  # 2 blocks x 3 dropouts
 
     def same_masks(p: list[Tensor], q: list[Tensor]) -> bool:
         both = [x[1] & y[1] for x, y in zip(p, q, strict=True)]
@@ -510,7 +511,7 @@ def test_act_keeps_a_cache_and_resets_at_t0():
         a = agent.act(obs * (t + 1), t0=t == 0, eval_mode=True)
         assert sorted(a.tolist()) == [0.0] * (ACT - 1) + [1.0]
     state = agent._act_state["eval"]
-    assert bool(state["valid"].all()) and state["slot"] == 11 % 8
+    assert bool(state["valid"].all()) and state["slot"] == 11 % 9  # a ring of 9 slots
     agent.act(obs, t0=True, eval_mode=True)
     assert int(agent._act_state["eval"]["valid"].sum()) == 1
     assert np.isfinite(agent.value(obs))
@@ -567,3 +568,124 @@ def test_held_out_figures_are_taken_with_dropout_off():
     assert d["wm_loss"] == pytest.approx(float(parts[False]["wm_loss"]), rel=1e-6)
     # dropout on would have given another figure
     assert abs(float(parts[True]["kl"]) - float(parts[False]["kl"])) > 1e-3
+
+
+# ---- the published TWISTER, item by item (issue 31) ------------------------------------------
+def test_attention_sees_the_8_previous_tokens_and_itself_within_its_episode():
+    """A one-block TSSM over 64 tokens with an episode start at t = 30: output i depends on
+    token j exactly when 0 <= i - j <= 8 and both lie in the same episode (TWISTER's
+    att_context_left = 8); stepping the same tokens through the cache gives the same outputs."""
+    seq = tiny_tssm(blocks=1, dropout=0.0)
+    steps, begin = 64, 30
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randn(steps, 1, W, generator=g)
+    start = torch.zeros(steps, 1, dtype=torch.bool)
+    start[begin] = True
+    h, _, _ = seq.forward_tokens(tokens, start)
+    seen = torch.zeros(steps, steps, dtype=torch.bool)  # seen[i, j]: output i reads token j
+    for j in range(steps):
+        changed = tokens.clone()
+        changed[j] += 1.0
+        h2, _, _ = seq.forward_tokens(changed, start)
+        seen[:, j] = (h2 - h).abs().amax((1, 2)) > 0
+    episode = [int(t >= begin) for t in range(steps)]
+    want = torch.tensor([[0 <= i - j <= 8 and episode[i] == episode[j] for j in range(steps)]
+                         for i in range(steps)])  # fmt: skip
+    assert torch.equal(seen, want)
+    assert seen[40].nonzero().flatten().tolist() == list(range(32, 41))  # 9 positions
+    assert seen[33].nonzero().flatten().tolist() == list(range(30, 34))  # not before the start
+    # The cached path: an episode begins from initial() at t = 0 and at the start.
+    with torch.no_grad():
+        outs, state = [], seq.initial(1)
+        for t in range(steps):
+            state = seq.initial(1) if t == begin else state
+            out, cache = seq._step(state, tokens[t])
+            state = {**state, **cache}
+            outs.append(out)
+    torch.testing.assert_close(torch.stack(outs), h, rtol=1e-5, atol=1e-5)
+    assert seq.initial(1)["k"].shape[-2] == 9  # the ring: 8 previous tokens and the new one
+
+
+def test_transformer_xl_score_of_one_head_by_hand():
+    """score(i, j) = ((q_i + u) . k_j + (q_i + v) . (W_r s(i - j) + b_r)) / sqrt(d) for one head,
+    with s the sinusoidal encoding over the model width (sin even, cos odd features)."""
+    seq = tiny_tssm()
+    blk = seq.blocks[0]
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        blk.u.copy_(torch.randn(W, generator=g))
+        blk.v.copy_(torch.randn(W, generator=g))
+    steps, heads, hd = 12, 2, W // 2
+    x = torch.randn(1, steps, W, generator=g)
+    q, k, _ = blk.qkv(x).view(1, steps, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    pos = torch.arange(steps)
+    dist = (pos[:, None] - pos[None]).clamp(0, 8)
+    got = blk.scores(q, k, dist)
+    for head, i, j in ((0, 5, 5), (1, 5, 0), (1, 11, 3), (0, 9, 2)):
+        d = i - j
+        enc = torch.tensor([math.sin(d / 10000 ** (2 * (f // 2) / W)) if f % 2 == 0
+                            else math.cos(d / 10000 ** (2 * (f // 2) / W)) for f in range(W)])
+        r = blk.pos_proj.weight @ enc + blk.pos_proj.bias
+        cols = slice(head * hd, (head + 1) * hd)
+        qi, kj = q[0, head, i], k[0, head, j]
+        want = ((qi + blk.u[cols]) @ kj + (qi + blk.v[cols]) @ r[cols]) / math.sqrt(hd)
+        torch.testing.assert_close(got[0, head, i, j], want, rtol=1e-5, atol=1e-5)
+    # The learned-bias option keeps its table per block, head and distance 0..8.
+    learned = tiny_tssm(positions="learned").blocks[0]
+    assert learned.rel_bias.shape == (2, 9) and not hasattr(learned, "pos_proj")
+
+
+def test_no_dropout_inside_the_feed_forward_layer(monkeypatch):
+    """Dropout acts on the attention weights and on the two residual branches only: three
+    draws per block, none on the ReLU's output."""
+    seq = tiny_tssm(dropout=0.5).train()
+    shapes = []
+    real = tssm_module._dropout
+    monkeypatch.setattr(tssm_module, "_dropout",
+                        lambda x, p, active: shapes.append(x.shape) or real(x, p, active))
+    seq.forward_tokens(torch.randn(6, 2, W), torch.zeros(6, 2, dtype=torch.bool), dropout=True)
+    assert shapes == [(2, 2, 6, 6), (2, 6, W), (2, 6, W)] * 2  # ff's hidden would be 2W wide
+
+
+def test_the_s_world_model_has_twisters_parameter_count():
+    """TWISTER's S world model on Atari (64x64 RGB, 6 actions) with AC-CPC: 41.30M parameters,
+    18.51M of them AC-CPC's heads."""
+    cfg = DreamerConfig(sequence_model="transformer")
+    model = wm_module.WorldModel(cfg, (3, 64, 64), 6)
+    total = sum(p.numel() for p in model.parameters())
+    cpc = sum(p.numel() for p in model.cpc.parameters())
+    assert round(total / 1e6, 2) == 41.30 and round(cpc / 1e6, 2) == 18.51
+
+
+def test_twister_defaults_evaluate_by_mode_and_learn_the_actor_by_reinforce():
+    from flatworld.agents.dreamer import TwisterConfig
+
+    cfg = TwisterConfig()
+    assert (cfg.eval_policy, cfg.actor_grad, cfg.tssm_positions) == ("mode", "reinforce", "xl")
+    assert (DreamerConfig().eval_policy, DreamerConfig().actor_grad) == ("sample", "auto")
+    # With continuous actions too: the rollout carries no gradient and the actor's loss is
+    # REINFORCE's, the Normal's log-density of the action taken times the advantage.
+    agent = make_agent(discrete=False, actor_grad="reinforce")
+    assert agent.ac.reinforce
+    backprop = make_agent(discrete=False)
+    assert not backprop.ac.reinforce  # DreamerV3's rule for continuous actions
+    mean, std = torch.tensor([[0.2, -0.5]]), torch.tensor([[0.3, 0.8]])
+    a = torch.tensor([[0.1, 0.4]])
+    want = torch.distributions.Normal(mean, std).log_prob(a).sum(-1, keepdim=True)
+    torch.testing.assert_close(agent.ac.actor.log_prob((mean, std), a), want)
+    start = agent.world_model.seq.initial(4)
+    seen = []
+    real = agent.ac.actor.log_prob
+    agent.ac.actor.log_prob = lambda p, act: seen.append(act.requires_grad) or real(p, act)
+    agent.ac.losses(agent.world_model, start, torch.ones(4, 1))
+    assert seen == [False]
+    with pytest.raises(ValueError, match="actor_grad='dynamics' with discrete"):
+        make_agent(discrete=True, actor_grad="dynamics")
+
+
+def test_a_checkpoint_of_the_tssm_before_the_xl_positions_is_refused():
+    a = make_agent()
+    d = a.state_dict()
+    d["world_model"]["seq.rel_bias"] = torch.zeros(2, 2, 8)
+    with pytest.raises(ValueError, match="before 2026-12-07.*861c492"):
+        make_agent().load_state_dict(d)

@@ -34,6 +34,7 @@ from flatworld.nn import TwoHot, soft_cross_entropy
 from flatworld.optim import nonfinite, step_if_finite
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def lambda_returns(reward: Tensor, value: Tensor, disc: Tensor, lam: float) -> Tensor:
@@ -107,8 +108,13 @@ class Actor(nn.Module):
         return onehot_mode(params[0]) if self.discrete else params[0]
 
     def log_prob(self, params: tuple[Tensor, Tensor], action: Tensor) -> Tensor:
-        """Discrete only (REINFORCE): (..., 1)."""
-        return (params[0] * action).sum(-1, keepdim=True)
+        """log pi(action), (..., 1), for REINFORCE: of the one-hot action (discrete), or the
+        Normal's density at the action taken (continuous; clipped to [-1, 1] as it was taken)."""
+        if self.discrete:
+            return (params[0] * action).sum(-1, keepdim=True)
+        mean, std = params
+        z = (action - mean) / std
+        return (-0.5 * z.square() - std.log() - _HALF_LOG_2PI).sum(-1, keepdim=True)
 
     def entropy(self, params: tuple[Tensor, Tensor]) -> Tensor:
         a, b = params
@@ -123,6 +129,11 @@ class ActorCritic(nn.Module):
         super().__init__()
         d = cfg.dims()
         self.cfg, self.discrete, self.episodic, self.two_hot = cfg, discrete, episodic, two_hot
+        # REINFORCE, or backpropagation of the returns through the dynamics (continuous only).
+        self.reinforce = cfg.actor_grad == "reinforce" or (cfg.actor_grad == "auto" and discrete)
+        if cfg.actor_grad == "dynamics" and discrete:
+            raise ValueError("actor_grad='dynamics' with discrete actions: a one-hot sample has "
+                             "no gradient; accepted: 'auto' or 'reinforce'")  # fmt: skip
         self.actor = Actor(feat_dim, action_dim, d["units"], d["layers"], discrete, cfg.unimix,
                            cfg.actor_min_std, cfg.actor_max_std)  # fmt: skip
         self.critic = mlp(feat_dim, d["units"], d["layers"], cfg.num_bins, out_scale=0.0)
@@ -144,7 +155,7 @@ class ActorCritic(nn.Module):
             with torch.enable_grad():
                 p = self.actor(feats[-1].detach())
             # REINFORCE needs no gradient through the sample; backprop does (reparameterised).
-            action = self.actor.sample(p if not self.discrete else (p[0].detach(), p[1]))
+            action = self.actor.sample((p[0].detach(), p[1].detach()) if self.reinforce else p)
             state = seq.imagine_step(state, action)
             feats.append(seq.onehot_feat(state))
             actions.append(action)
@@ -161,14 +172,14 @@ class ActorCritic(nn.Module):
         """(actor loss, critic loss, metrics) from an imagined rollout out of ``start`` (N
         states; ``cont0`` (N, 1) is 1 - terminated there)."""
         cfg = self.cfg
-        with torch.set_grad_enabled(not self.discrete):
+        with torch.set_grad_enabled(not self.reinforce):
             feats, actions, params = self.imagine(wm.seq, start, cfg.imag_horizon)
             reward = wm.reward_mean(feats[1:])
             if self.episodic:
                 cont = (feed(wm.cont, feats[1:]) > 0).to(reward.dtype)
             else:
                 cont = torch.ones_like(reward)
-            live_value = None if self.discrete else self.value(feats)
+            live_value = None if self.reinforce else self.value(feats)
         with torch.no_grad():
             cont = torch.cat([cont0[None], cont.detach()])  # (H+1, N, 1)
             weight = torch.cumprod(cfg.discount * cont, 0) / cfg.discount
@@ -177,12 +188,12 @@ class ActorCritic(nn.Module):
         # the returns as well.
         v_logits = feed(self.critic, feats.detach())
         value = self.two_hot.decode(v_logits) if live_value is None else live_value
-        if self.discrete:
+        if self.reinforce:
             value = value.detach()
         ret = lambda_returns(reward, value, cfg.discount * cont[1:], cfg.lam)  # (H, N, 1)
         self.retnorm.update(ret)
         adv = (ret - value[:-1]) / self.retnorm.scale()
-        if self.discrete:
+        if self.reinforce:
             objective = self.actor.log_prob(params, actions) * adv.detach()
         else:
             objective = adv

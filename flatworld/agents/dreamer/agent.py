@@ -52,7 +52,7 @@ class DreamerAgent:
         self.cfg = cfg.validate()
         self.device = torch.device(device)
         self.batch_size, self.seq_len = cfg.batch_size, cfg.seq_len
-        self.train_ratio = cfg.train_ratio
+        self.train_ratio = cfg.resolved_train_ratio()
         self.horizon = cfg.seq_len - 1  # the loop's legacy window length
         self.discount = cfg.discount
         self.discrete, self.action_dim = bool(discrete), action_dim
@@ -239,7 +239,25 @@ class DreamerAgent:
                 "bias, MLP prior and posterior, the earlier AC-CPC heads; key seq.tok_bias); the "
                 "TSSM now has the published TWISTER layers and cannot load it. Resume or "
                 "evaluate that run with flatworld at commit 893fa02 or earlier")  # fmt: skip
-        self.world_model.load_state_dict(d["world_model"])
+        if "seq.rel_bias" in d["world_model"]:
+            raise ValueError(
+                "this checkpoint holds a TSSM from before 2026-12-07 (a learned position bias "
+                "table, key seq.rel_bias; attention to 8 tokens including the current one; "
+                "dropout inside the feed-forward layer; AC-CPC projections ending in a Linear); "
+                "the TSSM now follows TWISTER's code (Transformer-XL positions, 8 previous "
+                "tokens plus the current one) and cannot load it. Resume or evaluate that run "
+                "with flatworld at commit 861c492 or earlier")  # fmt: skip
+        try:
+            self.world_model.load_state_dict(d["world_model"])
+        except RuntimeError as e:
+            if not self.world_model.pixels and "encoder" in str(e):
+                raise ValueError(
+                    "this checkpoint's vector encoder does not match the config's: since "
+                    "2026-12-07 vector observations pass through DreamerV3's published 5 x 1024 "
+                    "MLP (vector_mlp='published'); a run written before then used the model "
+                    "size's MLP: set `vector_mlp: size` in its config.yaml to resume it"
+                ) from None  # fmt: skip
+            raise
         self.ac.load_state_dict(d["ac"])
         self.wm_optim.load_state_dict(d["wm_optim"])
         self.actor_optim.load_state_dict(d["actor_optim"])

@@ -3,7 +3,7 @@ settings, small model, as used on Atari-100k); see ../shared/reference/README.md
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flatworld import optim
@@ -24,6 +24,18 @@ SEQUENCE_MODELS = ("rssm", "transformer")  # DreamerV3's GRU; the TWISTER-style 
 # state, latent distributions and losses stay fp32.
 PRECISIONS = ("fp32", "bf16")
 EVAL_POLICIES = ("sample", "mode")  # DreamerV3 v1 samples the actor in evaluation episodes too
+POSITIONS = ("xl", "learned")  # the TSSM's relative positions: Transformer-XL's, or a bias table
+# How the actor learns in imagination: "auto" is DreamerV3's rule (REINFORCE for discrete
+# actions, backpropagation through the dynamics for continuous ones).
+ACTOR_GRADS = ("auto", "reinforce", "dynamics")
+VECTOR_MLPS = ("published", "size")
+# DreamerV3 v1 as it ran: vector observations pass through 5 layers of 1024 units at every model
+# size (its size presets never reached the vector encoder and decoder).
+PUBLISHED_VECTOR_MLP = dict(layers=5, units=1024)
+# DreamerV3 v1's train ratio per suite (configs: dmc_proprio/dmc_vision 512, atari100k 1024);
+# a suite not listed keeps 1024 (one update per agent step at batch 16 x 64).
+SUITE_TRAIN_RATIO = {"dmc": 512, "atari": 1024}
+DEFAULT_TRAIN_RATIO = 1024
 
 
 def default_wm_optim() -> optim.OptimSpec:
@@ -52,8 +64,13 @@ class DreamerConfig:
     tssm_width: int = 512
     tssm_heads: int = 8
     tssm_ff_mult: int = 2  # feed-forward width = tssm_ff_mult * tssm_width
-    tssm_dropout: float = 0.1
-    tssm_context: int = 8  # attention context in steps, the token itself included
+    tssm_dropout: float = 0.1  # on the attention weights and the residuals, not inside the MLP
+    # a token attends to this many tokens before it and to itself (TWISTER's att_context_left)
+    tssm_context: int = 8
+    tssm_positions: str = field(default="xl", metadata={
+        "choices": POSITIONS, "help": "relative positions of the TSSM's attention: 'xl' "
+        "(Transformer-XL's sinusoidal encodings with a learned projection and u/v biases, as "
+        "TWISTER; default) or 'learned' (a learned bias per block, head and distance)"})
     # AC-CPC (transformer only): heads for 0..cpc_steps-1 steps ahead of the prior feature
     # [h_t, z_t ~ prior], weights cpc_decay^k normalised, InfoNCE on random resized crops
     # (area cpc_crop_min..1) of pixel targets
@@ -81,7 +98,15 @@ class DreamerConfig:
     # replay and schedule
     batch_size: int = 16
     seq_len: int = 64
-    train_ratio: int = 1024  # replayed steps per env step: 1024 / (16 x 64) = 1 update per step
+    # replayed steps per env step (1024 / (16 x 64) = 1 update per step); None: the suite's
+    # DreamerV3 v1 value (SUITE_TRAIN_RATIO), set by the run
+    train_ratio: int | None = field(default=None, metadata={
+        "help": "replayed steps per env step; default: the suite's DreamerV3 v1 value "
+        "(dmc 512, atari 1024, others 1024)"})
+    vector_mlp: str = field(default="published", metadata={
+        "choices": VECTOR_MLPS, "help": "encoder and decoder of vector observations: "
+        "'published' (5 layers of 1024 units at every size, as DreamerV3 v1 ran; default) or "
+        "'size' (the model size's layers and units)"})
     # actor-critic in imagination
     imag_horizon: int = 15
     discount: float = 0.997
@@ -93,6 +118,10 @@ class DreamerConfig:
     retnorm_low: float = 0.05  # percentiles of the return normaliser
     retnorm_high: float = 0.95
     retnorm_max: float = 1.0  # returns are divided by max(1 / retnorm_max, high - low)
+    actor_grad: str = field(default="auto", metadata={
+        "choices": ACTOR_GRADS, "help": "the actor's gradient in imagination: 'auto' "
+        "(DreamerV3: REINFORCE for discrete actions, backpropagation through the dynamics for "
+        "continuous ones), 'reinforce' or 'dynamics'"})
     actor_min_std: float = 0.1  # continuous actions
     actor_max_std: float = 1.0
     eval_policy: str = field(default="sample", metadata={
@@ -117,6 +146,23 @@ class DreamerConfig:
                 d[k] = getattr(self, k)
         return d
 
+    def vector_dims(self) -> tuple[int, int]:
+        """(layers, units) of the encoder and decoder for vector observations."""
+        if self.vector_mlp == "published":
+            return PUBLISHED_VECTOR_MLP["layers"], PUBLISHED_VECTOR_MLP["units"]
+        d = self.dims()
+        return d["layers"], d["units"]
+
+    def resolved_train_ratio(self) -> int:
+        return DEFAULT_TRAIN_RATIO if self.train_ratio is None else self.train_ratio
+
+    def for_env(self, env_id: str) -> DreamerConfig:
+        """This config with the fields left to the suite (``train_ratio``) set for ``env_id``."""
+        if self.train_ratio is not None:
+            return self
+        suite = env_id.partition("/")[0]
+        return replace(self, train_ratio=SUITE_TRAIN_RATIO.get(suite, DEFAULT_TRAIN_RATIO))
+
     def validate(self) -> DreamerConfig:
         def check(ok: bool, name: str, accepted: str) -> None:
             if not ok:
@@ -127,6 +173,11 @@ class DreamerConfig:
               f"one of {SEQUENCE_MODELS}")  # fmt: skip
         check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
         check(self.eval_policy in EVAL_POLICIES, "eval_policy", f"one of {EVAL_POLICIES}")
+        check(self.tssm_positions in POSITIONS, "tssm_positions", f"one of {POSITIONS}")
+        check(self.actor_grad in ACTOR_GRADS, "actor_grad", f"one of {ACTOR_GRADS}")
+        check(self.vector_mlp in VECTOR_MLPS, "vector_mlp", f"one of {VECTOR_MLPS}")
+        check(self.train_ratio is None or pos_int(self.train_ratio), "train_ratio",
+              "None (the suite's value) or an int >= 1")  # fmt: skip
         check(isinstance(self.cuda_graphs, bool), "cuda_graphs", "True or False")
         if self.cuda_graphs and self.precision != "fp32":
             # autocast's cast cache cannot live in a captured graph; turning it off would slow
@@ -137,7 +188,7 @@ class DreamerConfig:
               "None (follow the env suite), True or False")  # fmt: skip
         for k in ("deter", "units", "layers", "cnn_depth"):
             check(getattr(self, k) is None or pos_int(getattr(self, k)), k, "None or an int >= 1")
-        for k in ("stoch", "classes", "batch_size", "imag_horizon", "train_ratio"):
+        for k in ("stoch", "classes", "batch_size", "imag_horizon"):
             check(pos_int(getattr(self, k)), k, "an int >= 1")
         check(pos_int(self.classes) and self.classes >= 2, "classes", "an int >= 2")
         check(pos_int(self.seq_len) and self.seq_len >= 2, "seq_len", "an int >= 2")
@@ -188,6 +239,15 @@ class DreamerConfig:
 @dataclass
 class TwisterConfig(DreamerConfig):
     """TWISTER: DreamerV3 with the transformer state-space model and AC-CPC (the paper's
-    Atari-100k agent); every other default is DreamerV3's."""
+    Atari-100k agent). As in TWISTER's code, evaluation takes the actor's mode and the actor
+    learns by REINFORCE on every suite (continuous actions too); every other default is
+    DreamerV3's."""
 
     sequence_model: str = field(default="transformer", metadata={"choices": SEQUENCE_MODELS})
+    eval_policy: str = field(default="mode", metadata={
+        "choices": EVAL_POLICIES, "help": "evaluation actions: the actor's 'mode' (argmax; the "
+        "mean, clipped, for continuous actions), as TWISTER evaluates (default), or a 'sample'"})
+    actor_grad: str = field(default="reinforce", metadata={
+        "choices": ACTOR_GRADS, "help": "the actor's gradient in imagination: 'reinforce' (as "
+        "TWISTER, for continuous actions too; default), 'dynamics' (backpropagation through "
+        "the dynamics) or 'auto' (DreamerV3's rule)"})

@@ -2,10 +2,11 @@
 
 State (the same keys as the RSSM's, plus the attention cache):
   ``deter`` (N, W): the transformer's output h_t; ``stoch`` (N, S*C) and ``logits`` (N, S, C):
-  the latent z_t; ``k``, ``v`` (L, N, H, ctx, W/H): a preallocated ring buffer of every block's
-  keys and values over the last ``ctx`` tokens; ``valid`` (N, ctx): which slots hold a token
-  of the current episode; ``slot``: a Python int, the ring slot written last (every state of a
-  batch advances together, so the slot is shared and indexing needs no host sync).
+  the latent z_t; ``k``, ``v`` (L, N, H, ctx + 1, W/H): a preallocated ring buffer of every
+  block's keys and values over the last ``ctx`` tokens and the current one; ``valid``
+  (N, ctx + 1): which slots hold a token of the current episode; ``slot``: a Python int, the
+  ring slot written last (every state of a batch advances together, so the slot is shared and
+  indexing needs no host sync).
 
 Tokens: the token at step t is Mix([z_{t-1}, a_{t-1}]) (``action[t]`` is the action that led
 to observation t, as in the RSSM), where Mix is TWISTER's action mixer, Linear -> LN -> SiLU ->
@@ -16,14 +17,19 @@ q(z_t | e_t) is a single Linear of the encoder's embedding alone, and the decode
 (``decoder_feat``); the heads, actor and critic see [h_t, z_t].
 
 Blocks are post-LN (x = LN(x + Drop(Attn(x))), x = LN(x + Drop(FF(x))), FF = Linear -> ReLU ->
-Linear, PyTorch's default init, as published), causal, and attend to at most ``ctx`` tokens
-(themselves included) of their own episode.
+Linear with no dropout inside, PyTorch's default init), causal, and a token attends to the
+``ctx`` tokens before it and to itself (``ctx + 1`` positions; TWISTER's ``att_context_left``),
+within its own episode.
 
-Positions: a learned additive bias per block, per head and per distance 0..ctx-1 (a T5-style
-relative bias, no absolute positions). With a context of 8 the table is tiny and exact for every
-distance; unlike rotary embeddings, the cached keys need no position-dependent rotation, so a
-ring buffer of keys serves any start position, and the parallel and the cached paths add the
-very same numbers.
+Positions (``positions="xl"``, the default): Transformer-XL's relative attention, as in
+TWISTER's ``RelPosMultiHeadSelfAttention``. The score of query i for key j at distance
+d = i - j is ((q_i + u) . k_j + (q_i + v) . W_r s(d)) / sqrt(head dim), where s(d) is the
+sinusoidal encoding of d over the model width (sin on even, cos on odd features, wavelengths
+10000^(2m/W)), W_r a learned projection with bias, and u, v learned per block (zeros at first).
+``positions="learned"`` instead adds a learned bias per block, head and distance (a T5-style
+table; flatworld's earlier choice, kept as an option). Either depends on the distance only, so a
+ring buffer of keys serves any start position: the cached path takes the same d for each slot,
+and the parallel and the cached paths compute the very same numbers.
 
 Training (``observe``) runs all tokens of a (T, B) batch in parallel under a mask (causal,
 window, same episode). Acting and imagination add one token per step to the ring buffer: under
@@ -70,31 +76,70 @@ def _dist_linear(in_dim: int, latent: int) -> Linear:
     return layer
 
 
-class Block(nn.Module):
-    """One post-LN transformer block: multi-head self-attention, then a 2-layer ReLU MLP."""
+POSITIONS = ("xl", "learned")
 
-    def __init__(self, width: int, heads: int, ff_mult: int) -> None:
+
+def sinusoid_table(distances: int, width: int) -> Tensor:
+    """(distances, width): Transformer-XL's encoding of the distances 0..distances-1, sin on the
+    even features and cos on the odd ones, feature pair m at wavelength 10000^(2m / width)."""
+    d = torch.arange(distances, dtype=torch.float32)[:, None]
+    angle = d / 10000 ** (2 * torch.arange(width // 2, dtype=torch.float32)[None] / width)
+    return torch.stack([angle.sin(), angle.cos()], -1).flatten(-2)
+
+
+class Block(nn.Module):
+    """One post-LN transformer block: multi-head self-attention with relative positions, then a
+    2-layer ReLU MLP. Query, key, value and output projections carry biases (PyTorch's default
+    init), as TWISTER's attention does."""
+
+    def __init__(self, width: int, heads: int, ff_mult: int, context: int,
+                 positions: str = "xl") -> None:  # fmt: skip
         super().__init__()
-        self.heads, self.head_dim = heads, width // heads
-        self.qkv = Linear(width, 3 * width, bias=False)
+        if positions not in POSITIONS:
+            raise ValueError(f"positions={positions!r}; accepted: one of {POSITIONS}")
+        self.heads, self.head_dim, self.positions = heads, width // heads, positions
+        self.qkv = Linear(width, 3 * width)
         self.proj = Linear(width, width)
         self.norm1 = nn.LayerNorm(width, eps=LN_EPS)
         self.ff1 = Linear(width, ff_mult * width)
         self.ff2 = Linear(ff_mult * width, width)
         self.norm2 = nn.LayerNorm(width, eps=LN_EPS)
+        if positions == "xl":
+            self.pos_proj = Linear(width, width)
+            self.u = nn.Parameter(torch.zeros(width))  # content bias
+            self.v = nn.Parameter(torch.zeros(width))  # position bias
+            self.register_buffer("sinusoid", sinusoid_table(context + 1, width),
+                                 persistent=False)  # fmt: skip
+        else:
+            self.rel_bias = nn.Parameter(torch.zeros(heads, context + 1))
 
-    def ff(self, x: Tensor, p: float, active: bool) -> Tensor:
-        return self.ff2(_dropout(F.relu(self.ff1(x)), p, active))
+    def ff(self, x: Tensor) -> Tensor:
+        return self.ff2(F.relu(self.ff1(x)))
+
+    def scores(self, q: Tensor, k: Tensor, dist: Tensor) -> Tensor:
+        """Attention logits (..., H, Tq, Tk) of queries q (..., H, Tq, hd) for keys
+        k (..., H, Tk, hd) at distances ``dist`` (Tq, Tk) in 0..ctx (clamped where masked)."""
+        scale = self.head_dim**-0.5
+        if self.positions == "learned":
+            return (q * scale) @ k.transpose(-1, -2) + self.rel_bias[:, dist]
+        heads = (self.heads, self.head_dim)
+        u, v = self.u.view(*heads, 1).transpose(-1, -2), self.v.view(*heads, 1).transpose(-1, -2)
+        r = self.pos_proj(self.sinusoid.to(q.dtype)).view(-1, *heads).transpose(0, 1)
+        by_distance = (q + v) @ r.transpose(-1, -2)  # (..., H, Tq, ctx + 1)
+        pos = by_distance.gather(-1, dist.expand(*by_distance.shape[:-1], dist.shape[-1]))
+        return ((q + u) @ k.transpose(-1, -2) + pos) * scale
 
 
 class TSSM(SequenceModel):
     def __init__(self, embed_dim: int, action_dim: int, width: int = 512, blocks: int = 4,
                  heads: int = 8, ff_mult: int = 2, dropout: float = 0.1, context: int = 8,
-                 stoch: int = 32, classes: int = 32, unimix: float = 0.01) -> None:  # fmt: skip
+                 stoch: int = 32, classes: int = 32, unimix: float = 0.01,
+                 positions: str = "xl") -> None:  # fmt: skip
         super().__init__()
         if width % heads:
             raise ValueError(f"width={width} is not a multiple of heads={heads}")
         self.width, self.heads, self.context, self.dropout = width, heads, context, dropout
+        self.slots = context + 1  # the ring holds the context and the token being added
         self.stoch, self.classes, self.unimix, self.action_dim = stoch, classes, unimix, action_dim
         latent = stoch * classes
         self.feat_dim = width + latent
@@ -105,14 +150,15 @@ class TSSM(SequenceModel):
         self.tok_out = Linear(width, width, bias=False)
         init_(self.tok_out)
         self.tok_out_norm = nn.LayerNorm(width, eps=LN_EPS)
-        self.blocks = nn.ModuleList(Block(width, heads, ff_mult) for _ in range(blocks))
-        self.rel_bias = nn.Parameter(torch.zeros(blocks, heads, context))
+        self.blocks = nn.ModuleList(Block(width, heads, ff_mult, context, positions)
+                                    for _ in range(blocks))  # fmt: skip
         self.prior_net = _dist_linear(width, latent)
         self.post_net = _dist_linear(embed_dim, latent)
         self.initial_deter = nn.Parameter(torch.zeros(width))
         # dist[c, j]: the distance from the token in ring slot c (written last) to slot j.
-        ar = torch.arange(context)
-        self.register_buffer("ring_dist", (ar[:, None] - ar[None]) % context, persistent=False)
+        ar = torch.arange(self.slots)
+        self.register_buffer("ring_dist", (ar[:, None] - ar[None]) % self.slots,
+                             persistent=False)  # fmt: skip
 
     # ---- pieces ----------------------------------------------------------------------------
     def token(self, prev_stoch: Tensor, action: Tensor, index: Tensor | None = None) -> Tensor:
@@ -148,19 +194,19 @@ class TSSM(SequenceModel):
         ep = episode.t()  # (B, T)
         pos = torch.arange(steps, device=tokens.device)
         dist = pos[:, None] - pos[None]  # (T, T): query i minus key j
-        allowed = ((dist >= 0) & (dist < self.context))[None] & (ep[:, :, None] == ep[:, None])
+        allowed = ((dist >= 0) & (dist <= self.context))[None] & (ep[:, :, None] == ep[:, None])
         neg = torch.zeros(allowed.shape, dtype=tokens.dtype, device=tokens.device)
         neg = neg.masked_fill(~allowed, float("-inf"))[:, None]  # (B, 1, T, T)
-        idx = dist.clamp(0, self.context - 1)
+        idx = dist.clamp(0, self.context)
         x = tokens.transpose(0, 1)  # (B, T, W)
         ks, vs = [], []
-        for i, block in enumerate(self.blocks):
+        for block in self.blocks:
             q, k, v = block.qkv(x).view(batch, steps, 3, heads, hd).permute(2, 0, 3, 1, 4)
-            scores = (q * hd**-0.5) @ k.transpose(-1, -2) + self.rel_bias[i][:, idx] + neg
+            scores = block.scores(q, k, idx) + neg
             attn = _dropout(torch.softmax(scores, -1), p, dropout)
             o = (attn @ v).transpose(1, 2).reshape(batch, steps, self.width)
             x = block.norm1(x + _dropout(block.proj(o), p, dropout))
-            x = block.norm2(x + _dropout(block.ff(x, p, dropout), p, dropout))
+            x = block.norm2(x + _dropout(block.ff(x), p, dropout))
             ks.append(k)
             vs.append(v)
         # (L, B, H, T, hd) -> (T, B, L, H, hd) views
@@ -172,7 +218,7 @@ class TSSM(SequenceModel):
         """One token per state through the cache: h (N, W) and the advanced cache."""
         keys, vals, valid = state["k"], state["v"], state["valid"]
         in_place = not torch.is_grad_enabled()  # autograd needs the old buffers: no writes
-        slot = (int(state["slot"]) + 1) % self.context  # a Python int: no host sync
+        slot = (int(state["slot"]) + 1) % self.slots  # a Python int: no host sync
         if not in_place:
             valid = valid.clone()
         valid[:, slot] = True
@@ -180,7 +226,7 @@ class TSSM(SequenceModel):
         neg = torch.zeros(valid.shape, dtype=token.dtype, device=token.device)
         neg = neg.masked_fill(~valid, float("-inf"))[:, None]  # (N, 1, ctx)
         dist = self.ring_dist[slot]
-        here = (dist == 0)[:, None]  # (ctx, 1): the slot being written
+        here = (dist == 0)[:, None]  # (ctx + 1, 1): the slot being written
         new_k, new_v = [], []
         x = token
         for i, block in enumerate(self.blocks):
@@ -194,29 +240,29 @@ class TSSM(SequenceModel):
                 vb = torch.where(here, v[:, :, None], vals[i])
                 new_k.append(kb)
                 new_v.append(vb)
-            scores = ((q * hd**-0.5)[:, :, None] @ kb.transpose(-1, -2)).squeeze(-2)  # (N, H, ctx)
-            attn = torch.softmax(scores + self.rel_bias[i][:, dist] + neg, -1)
+            scores = block.scores(q[:, :, None], kb, dist[None]).squeeze(-2)  # (N, H, ctx + 1)
+            attn = torch.softmax(scores + neg, -1)
             o = (attn[:, :, None] @ vb).reshape(n, self.width)
             x = block.norm1(x + block.proj(o))
-            x = block.norm2(x + block.ff(x, 0.0, False))
+            x = block.norm2(x + block.ff(x))
         if not in_place:
             keys, vals = torch.stack(new_k), torch.stack(new_v)
         return x, {"k": keys, "v": vals, "valid": valid, "slot": slot}
 
     # ---- the interface ---------------------------------------------------------------------
     def initial(self, batch_size: int) -> State:
-        ref = self.rel_bias
+        ref = self.initial_deter
         hd, latent = self.width // self.heads, self.stoch * self.classes
-        shape = (len(self.blocks), batch_size, self.heads, self.context, hd)
+        shape = (len(self.blocks), batch_size, self.heads, self.slots, hd)
         z = self.initial_latent()
         logp = torch.full((batch_size, self.stoch, self.classes), -math.log(self.classes),
                           device=ref.device, dtype=ref.dtype)  # fmt: skip
         return {"deter": ref.new_zeros(batch_size, self.width),
                 "stoch": z.detach().expand(batch_size, latent).clone(), "logits": logp,
                 "k": ref.new_zeros(shape), "v": ref.new_zeros(shape),
-                "valid": torch.zeros(batch_size, self.context, dtype=torch.bool,
+                "valid": torch.zeros(batch_size, self.slots, dtype=torch.bool,
                                      device=ref.device),
-                "slot": self.context - 1}  # fmt: skip
+                "slot": self.slots - 1}  # fmt: skip
 
     @property
     def decoder_dim(self) -> int:
@@ -265,9 +311,9 @@ class TSSM(SequenceModel):
 
     def imagine_start(self, post: State) -> State:
         """Every posterior state of a (T, B) batch as (T*B) start states, each with its own
-        preceding context (up to ``context`` tokens of its episode) gathered into the cache."""
+        token and the ``context`` tokens of its episode before it gathered into the cache."""
         steps, batch = post["stoch"].shape[:2]
-        ctx = self.context
+        ctx = self.slots
         start = post["start"].clone()
         start[0] = True
         episode = start.long().cumsum(0)  # (T, B)
@@ -284,7 +330,7 @@ class TSSM(SequenceModel):
             out.copy_(w)
             return out.flatten(1, 2)
 
-        valid = windows(episode, -1) == episode[..., None]  # (T, B, ctx), slot ctx-1 is t
+        valid = windows(episode, -1) == episode[..., None]  # (T, B, slots), the last is t
         out = {k: post[k].detach().flatten(0, 1) for k in ("deter", "stoch", "logits", "index")}
         return {**out, "k": cache(post["k"]), "v": cache(post["v"]),
                 "valid": valid.flatten(0, 1), "slot": ctx - 1}  # fmt: skip
@@ -325,8 +371,9 @@ def resized_crop(x: Tensor, boxes: Tensor) -> Tensor:
 
 
 def _projection(in_dim: int, units: int) -> nn.Sequential:
-    """One side of an AC-CPC head, as published: Linear, ELU, Linear (PyTorch's default init)."""
-    return nn.Sequential(Linear(in_dim, units), nn.ELU(), Linear(units, units))
+    """One side of an AC-CPC head, as in TWISTER's code: Linear, ELU, Linear, ELU (its MLP
+    applies the activation after every layer, the last one included; PyTorch's default init)."""
+    return nn.Sequential(Linear(in_dim, units), nn.ELU(), Linear(units, units), nn.ELU())
 
 
 class ACCPC(nn.Module):

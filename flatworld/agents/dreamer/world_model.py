@@ -36,7 +36,7 @@ def make_sequence_model(cfg: DreamerConfig, embed_dim: int, action_dim: int) -> 
     if cfg.sequence_model == "transformer":
         return TSSM(embed_dim, action_dim, cfg.tssm_width, cfg.tssm_blocks, cfg.tssm_heads,
                     cfg.tssm_ff_mult, cfg.tssm_dropout, cfg.tssm_context, cfg.stoch,
-                    cfg.classes, cfg.unimix)  # fmt: skip
+                    cfg.classes, cfg.unimix, cfg.tssm_positions)  # fmt: skip
     raise ValueError(f"sequence_model={cfg.sequence_model!r}; accepted: {SEQUENCE_MODELS}")
 
 
@@ -52,13 +52,13 @@ class WorldModel(nn.Module):
         if self.pixels:
             self.encoder: nn.Module = ConvEncoder(self.obs_shape, d["cnn_depth"])
         else:
-            self.encoder = MLPEncoder(self.obs_shape[0], d["units"], d["layers"])
+            self.encoder = MLPEncoder(self.obs_shape[0], *reversed(cfg.vector_dims()))
         self.seq = make_sequence_model(cfg, self.encoder.out_dim, action_dim)
         feat, dec = self.seq.feat_dim, self.seq.decoder_dim
         if self.pixels:
             self.decoder: nn.Module = ConvDecoder(dec, self.obs_shape, d["cnn_depth"])
         else:
-            self.decoder = MLPDecoder(dec, self.obs_shape[0], d["units"], d["layers"])
+            self.decoder = MLPDecoder(dec, self.obs_shape[0], *reversed(cfg.vector_dims()))
         self.reward = mlp(feat, d["units"], d["layers"], cfg.num_bins, out_scale=0.0)
         self.cont = mlp(feat, d["units"], d["layers"], 1)
         self.two_hot = TwoHot(cfg.num_bins, cfg.bin_min, cfg.bin_max)
