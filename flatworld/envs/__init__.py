@@ -47,7 +47,7 @@ ENV_SETS: dict[str, tuple[str, ...]] = {
 class Suite:
     name: str
     ids: tuple[str, ...]  # full ids, prefix included
-    available: bool  # False: listed statically, its package is not installed
+    available: bool  # False: listed statically, its package is not installed (or not whole)
     requires: str  # what to install for it ("" when it ships with flatworld's extras)
     # Whether its tasks can end in a true terminal state (not a time limit). Agents that
     # bootstrap their value targets must stop at such states: see `terminates`.
@@ -61,8 +61,11 @@ def _installed(module: str) -> bool:
 
 
 def list_envs() -> dict[str, Suite]:
-    """Every suite and its env ids. HumanoidBench's list is static (see the README)."""
-    hb, has_dmc = _installed("humanoid_bench"), _installed("dm_control")
+    """Every suite and its env ids. HumanoidBench's list is static (envs/data/humanoidbench.csv)."""
+    has_dmc, hb_missing = _installed("dm_control"), gym_suite.humanoidbench_missing()
+    hb_requires = gym_suite.HUMANOIDBENCH_PIP
+    if hb_missing is not None and _installed("humanoid_bench"):  # there, but not whole
+        hb_requires = f"{hb_missing}; install from a clone: {hb_requires}"
     return {
         # DMC tasks never terminate: every episode runs to its time limit.
         "dmc": Suite("dmc", tuple(f"dmc/{t}" for t in dmc.task_ids()) if has_dmc else (),
@@ -73,7 +76,7 @@ def list_envs() -> dict[str, Suite]:
         # HumanoidBench's tasks end when the robot falls.
         "humanoidbench": Suite(
             "humanoidbench", tuple(f"humanoidbench/{t}" for t in gym_suite.humanoidbench_ids()),
-            hb, gym_suite.HUMANOIDBENCH_PIP, terminates=True,
+            hb_missing is None, hb_requires, terminates=True,
         ),
         # Atari games end at game over (a life loss is not a terminal). Without ale-py the
         # list is the 26 Atari-100k games.
