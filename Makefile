@@ -30,7 +30,7 @@ $(BIN)/.docs-installed: $(BIN)/.installed
 	touch $@
 
 docs: $(BIN)/.docs-installed
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) runs-demo site
