@@ -17,7 +17,7 @@
 # On the device machine, with gymnasium's, ale-py's and farama-notifications' wheels from
 # ../shared/gpu/make-wheels.sh carried in .whl/ (nothing else: atari/ needs no MuJoCo):
 #   bash benchmarks/gpu_atari.sh
-# (The run in docs/gpu/ installed every wheel of make-wheels.sh and set MUJOCO_GL=egl first,
+# (The run in docs/results/h200-*.json installed every wheel of make-wheels.sh and set MUJOCO_GL=egl first,
 # before flatworld.envs stopped importing dm_control for atari/ ids.)
 # Here, a CPU rehearsal of the script itself (tiny runs, minutes):
 #   OUT=/tmp/gpu-out INSTALL_WHEELS=0 DEVICE=cpu PY=.venv/bin/python LIMIT=20 SIZE=XS RUNS="d dreamer 1" \
@@ -76,7 +76,7 @@ for agent in dreamer twister; do
 done
 if [ "$ok" != 1 ]; then stamp "preflight FAILED: stopping"; exit 1; fi
 
-if [ "${BENCH:-1}" = 1 ]; then  # BENCH=0: skip it (docs/gpu/ holds one run of it)
+if [ "${BENCH:-1}" = 1 ]; then  # BENCH=0: skip it (docs/results/speed/h200-* holds one run of it)
   stamp "2. throughput"
   OMP_NUM_THREADS=8 timeout 100 "$PY" benchmarks/dreamer_throughput.py --devices "$DEVICE" \
     --precision fp32 bf16 --threads 8 ${BENCH_ARGS:---repeats 3} >"$OUT/throughput.json" ||

@@ -18,7 +18,7 @@ CPU_MS = {  # (agent, model_size) -> ms
     ("tdmpc2", 1): {"update": 88.0, "act": 94.2},
     ("tdmpc2", 5): {"update": 240.5, "act": 225.8},
 }
-# SAM/Adam update-time ratios on this CPU, benchmarks/tdmpc2_throughput.py (README table,
+# SAM/Adam update-time ratios on this CPU, benchmarks/tdmpc2_throughput.py (docs/performance.md,
 # 2026-11): 1M 1.41-1.47 (1.44 taken), 5M 1.61, 5M with sam_scope=encoder_dynamics 1.52.
 CPU_SAM_RATIO = {("tdmpc2", 1, "all"): 1.44, ("tdmpc2", 5, "all"): 1.61,
                  ("tdmpc2", 5, "encoder_dynamics"): 1.52}  # fmt: skip
