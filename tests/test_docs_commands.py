@@ -1,6 +1,7 @@
-"""Every `flatworld ...` command shown in the README and the getting-started page runs as written.
+"""Every `flatworld ...` command shown in the README and the documentation pages runs as written.
 
-The shell blocks of both files are collected and each `flatworld` command goes through the real
+The shell blocks of README.md and docs/**/*.md are collected and each `flatworld` command goes
+through the real
 `flatworld.cli.main`: its argparse parser and the configs' validation run for real, so a flag
 that does not exist, a value out of range or an unknown env id fails here. What would take too
 long (training, evaluating, sweeping, the demo) is replaced at the boundary where the CLI hands
@@ -19,7 +20,7 @@ import pytest
 from flatworld import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = [ROOT / "README.md", ROOT / "docs" / "getting-started.md"]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 _SHELL_BLOCK = re.compile(r"^```(?:bash|sh|shell|console)\n(.*?)^```", re.M | re.S)
 _ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
@@ -88,6 +89,9 @@ def offline_cli(monkeypatch, tmp_path):
             for word in argv[1:]:
                 if not word.startswith("-"):
                     (tmp_path / word).mkdir(parents=True, exist_ok=True)
+        # a file of the repository named relative to its root (a sweep spec) is read from there
+        argv = [str(ROOT / word) if not word.startswith("-") and "/" in word
+                and (ROOT / word).is_file() else word for word in argv]
         seen.clear()
         try:
             cli.main(argv)
