@@ -1,11 +1,11 @@
 """Every `flatworld ...` command shown in the README and the documentation pages runs as written.
 
 The shell blocks of README.md and docs/**/*.md are collected and each `flatworld` command goes
-through the real
-`flatworld.cli.main`: its argparse parser and the configs' validation run for real, so a flag
-that does not exist, a value out of range or an unknown env id fails here. What would take too
-long (training, evaluating, sweeping, the demo) is replaced at the boundary where the CLI hands
-over its validated configs; listing envs and studies and a sweep's `--dry-run` run for real.
+through the real `flatworld.cli.main`: its argparse parser and the configs' validation run for
+real, so a flag that does not exist, a value out of range or an unknown env id fails here. What
+would take too long (training, evaluating, sweeping, the demo) is replaced at the boundary where
+the CLI hands over its validated configs; listing envs and studies and a sweep's `--dry-run` run
+for real.
 """
 
 from __future__ import annotations
