@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flatworld.agents import AGENTS
 from flatworld.agents.dreamer.networks import symlog
 from flatworld.runs import trained_agent
-from flatworld.runs.loop import env_action
+from flatworld.runs.episodes import env_action
 
 
 def play(agent: Any, env: Any, episodes: int, seed: int) -> list[tuple[Tensor, Tensor]]:
@@ -98,7 +99,7 @@ def ridge_r2(x: Tensor, y: Tensor, train: Tensor, test: Tensor, lam: float = 10.
 
 def probe(run_dir: str | Path, episodes: int = 20, seed: int = 10_000) -> dict[str, Any]:
     torch.manual_seed(0)
-    with trained_agent(run_dir) as (agent, env, ckpt):
+    with trained_agent(run_dir, agents=AGENTS) as (agent, env, ckpt):
         if len(agent.world_model.obs_shape) != 1:
             raise ValueError(f"{run_dir}: observations {agent.world_model.obs_shape}; the probe "
                              "reads vector observations only")  # fmt: skip

@@ -103,7 +103,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
     if args.resume:
         try:
-            print(f"run: {runs.resume(args.resume, progress=not args.no_progress)}")
+            print(f"run: {runs.resume(args.resume, agents=AGENTS, progress=not args.no_progress)}")
         except (ValueError, OSError) as err:  # a run-level problem: one line, no traceback
             parser.error(str(err))
         return
@@ -130,15 +130,19 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     except (ValueError, TypeError) as err:
         parser.error(str(err))
     try:
-        print(f"run: {runs.train(run_cfg, args.agent, agent_cfg, progress=not args.no_progress)}")
+        run_dir = runs.train(run_cfg, args.agent, agent_cfg, agents=AGENTS,
+                             progress=not args.no_progress)
+        print(f"run: {run_dir}")
     except (ValueError, OSError, ImportError) as err:  # bad env, device, folder, missing suite
         parser.error(str(err))
 
 
 def _eval(args: argparse.Namespace) -> None:
     from flatworld import runs
+    from flatworld.agents import AGENTS
 
-    print(json.dumps(runs.evaluate(args.run_dir, episodes=args.episodes), indent=1))
+    print(json.dumps(runs.evaluate(args.run_dir, agents=AGENTS, episodes=args.episodes),
+                     indent=1))
 
 
 def _sweep(args: argparse.Namespace) -> None:

@@ -129,9 +129,10 @@ def _run_one_thread(run_cfg, agent_cfg) -> str:
     """One demo run in a worker process: one thread (two runs share two cores), and it goes
     on from its checkpoint when the same run was started before (another config: an error)."""
     from flatworld import runs
+    from flatworld.agents import AGENTS
 
     torch.set_num_threads(1)
-    return str(runs.train_or_resume(run_cfg, "tdmpc2", agent_cfg, progress=False))
+    return str(runs.train_or_resume(run_cfg, "tdmpc2", agent_cfg, agents=AGENTS, progress=False))
 
 
 def classifier(out_dir: Path = Path("runs-demo"), steps: int = 1500, seed: int = 0) -> Path:

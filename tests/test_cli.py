@@ -37,7 +37,7 @@ def test_envs_lists_suites(capsys):
 def test_train_flags_reach_the_configs(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_train(run_cfg, agent, agent_cfg, progress=True):
+    def fake_train(run_cfg, agent, agent_cfg, *, agents, progress=True):
         seen.update(run=run_cfg, agent=agent, cfg=agent_cfg)
         return tmp_path
 

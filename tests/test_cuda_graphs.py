@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from flatworld import optim
+from flatworld.agents import AGENTS
 from flatworld.agents.dreamer import DreamerConfig
 from flatworld.nn.graphs import CapturedStep
 from tests import test_dreamer, test_twister
@@ -119,9 +120,10 @@ def test_a_graphed_run_equals_the_eager_run_and_resumes_to_it(tmp_path):
     from tests.test_dreamer_runs import CASES, numbers, run_cfg, tiny
 
     kw = CASES["gym"]
-    train(run_cfg(tmp_path / "eager", **kw), "dreamer", tiny(sam=True), progress=False)
+    train(run_cfg(tmp_path / "eager", **kw), "dreamer", tiny(sam=True),
+          agents=AGENTS, progress=False)
     train(run_cfg(tmp_path / "graphed", **kw), "dreamer", tiny(sam=True, cuda_graphs=True),
-          progress=False, stop_after=47)  # fmt: skip
-    resume(tmp_path / "graphed", progress=False)
+          agents=AGENTS, progress=False, stop_after=47)  # fmt: skip
+    resume(tmp_path / "graphed", agents=AGENTS, progress=False)
     ref = numbers(tmp_path / "eager")
     assert ref[-1]["updates"] == "20" and numbers(tmp_path / "graphed") == ref

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from flatworld.agents import AGENTS
 from flatworld.runs import train
 from tests.test_dreamer_runs import run_cfg, tiny_twister
 
@@ -28,7 +29,7 @@ def test_probe_of_a_twister_run(tmp_path, load_benchmark, capsys):
     probe = load_benchmark("latent_probe")
     run_dir = tmp_path / "r"
     cfg = run_cfg(run_dir, env="gym/CartPole-v1", env_options={"episode_length": 25}, steps=40)
-    train(cfg, "twister", tiny_twister(), progress=False)
+    train(cfg, "twister", tiny_twister(), agents=AGENTS, progress=False)
     out = probe.probe(run_dir, episodes=2)
     assert out["checkpoint_step"] == 40 and out["episodes"] == 2
     assert 2 * 2 <= out["rows"] <= 2 * 26  # an episode's observations, its first included

@@ -16,8 +16,8 @@ import yaml
 
 from flatworld.agents import AgentEntry
 from flatworld.runs import ReplayBuffer, RunConfig, evaluate, from_dict, read_config, resume, train
-from flatworld.runs import loop as loop_mod
 from flatworld.runs.checkpoint import list_checkpoints, load_checkpoint
+from flatworld.runs.folder import config_dict
 from flatworld.runs.protocol import Agent
 
 # -- replay -----------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ class FakeConfig:
 
 def test_from_dict_rebuilds_nested_dataclasses():
     cfg = FakeConfig(lr=1e-3, inner=Inner(0.2, (3,)), maybe=Inner(0.1, (4, 5)))
-    raw = yaml.safe_load(yaml.safe_dump(loop_mod._config_dict(cfg)))
+    raw = yaml.safe_load(yaml.safe_dump(config_dict(cfg)))
     assert from_dict(FakeConfig, raw) == cfg
     assert from_dict(FakeConfig, {"maybe": None}) == FakeConfig()
     with pytest.raises(ValueError, match="unknown field"):
@@ -211,10 +211,7 @@ class FakeAgent:
         self.n = d["n"]
 
 
-@pytest.fixture(autouse=True)
-def fake_registry(monkeypatch):
-    entry = AgentEntry(config_cls=FakeConfig, make=FakeAgent)
-    monkeypatch.setattr(loop_mod, "_registry", lambda: {"fake": entry})
+FAKE_AGENTS = {"fake": AgentEntry(config_cls=FakeConfig, make=FakeAgent)}
 
 
 def run_cfg(run_dir: Path, **kw) -> RunConfig:
@@ -263,22 +260,14 @@ def assert_same_agent(a: dict[str, Any], b: dict[str, Any]) -> None:
 def reference(tmp_path_factory):
     """One uninterrupted run, shared by the tests that compare against it."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    mp = pytest.MonkeyPatch()
-    mp.setattr(
-        loop_mod,
-        "_registry",
-        lambda: {"fake": AgentEntry(config_cls=FakeConfig, make=FakeAgent)},
-    )
-    try:
-        train(run_cfg(run_dir, tensorboard=True), "fake", FakeConfig(), progress=False)
-    finally:
-        mp.undo()
+    train(run_cfg(run_dir, tensorboard=True), "fake", FakeConfig(), agents=FAKE_AGENTS,
+          progress=False)
     return run_dir
 
 
 def test_run_folder_layout(reference):
     assert isinstance(FakeAgent(FakeConfig(), (5,), 1, 20, "cpu"), Agent)
-    run_cfg_back, name, agent_cfg = read_config(reference)
+    run_cfg_back, name, agent_cfg = read_config(reference, agents=FAKE_AGENTS)
     assert name == "fake" and agent_cfg == FakeConfig()
     assert run_cfg_back == run_cfg(reference, tensorboard=True)
     rows = numbers(reference)
@@ -295,31 +284,37 @@ def test_run_folder_layout(reference):
     assert [s for s, _ in ckpts] == [160, 200]  # keeps the last two
     assert any((reference / "tb").iterdir())
     with pytest.raises(FileExistsError, match="resume"):
-        train(run_cfg(reference), "fake", FakeConfig(), progress=False)
+        train(run_cfg(reference), "fake", FakeConfig(), agents=FAKE_AGENTS, progress=False)
 
 
 def test_kill_and_resume_is_bit_identical(reference, tmp_path):
     run_dir = tmp_path / "run"
-    train(run_cfg(run_dir), "fake", FakeConfig(), progress=False, stop_after=117)
+    train(run_cfg(run_dir), "fake", FakeConfig(),
+          agents=FAKE_AGENTS, progress=False, stop_after=117)
     assert [s for s, _ in list_checkpoints(run_dir / "checkpoints")] == [60, 100]
     assert int(numbers(run_dir)[-1]["step"]) == 110  # rows past the checkpoint exist...
-    resume(run_dir, stop_after=150, progress=False)  # ...and are redone; a second crash
-    resume(run_dir, progress=True)  # the progress bar draws nothing from the RNGs
+    # ...and are redone; a second crash
+    resume(run_dir, agents=FAKE_AGENTS, stop_after=150, progress=False)
+    # the progress bar draws nothing from the RNGs
+    resume(run_dir, agents=FAKE_AGENTS, progress=True)
     assert numbers(run_dir) == numbers(reference)
     assert_same_agent(final_agent(run_dir), final_agent(reference))
-    assert resume(run_dir, progress=False) == run_dir  # a finished run stays finished
+    # a finished run stays finished
+    assert resume(run_dir, agents=FAKE_AGENTS, progress=False) == run_dir
 
 
 def test_time_limit_stops_at_an_episode_end_and_resumes_bit_identical(reference, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    train(run_cfg(run_dir, time_limit_s=1e-9), "fake", FakeConfig(), progress=False)
+    train(run_cfg(run_dir, time_limit_s=1e-9), "fake", FakeConfig(),
+          agents=FAKE_AGENTS, progress=False)
     ckpts = list_checkpoints(run_dir / "checkpoints")
     assert [s for s, _ in ckpts] == [20]  # the first episode end, not the end of the run
     assert int(numbers(run_dir)[-1]["step"]) == 20
     assert "stopped at step 20" in capsys.readouterr().out
     invocations = 1
     while not load_checkpoint(run_dir / "checkpoints")[0]["done"]:
-        resume(run_dir, progress=False)  # the limit is in the run's config: one episode each
+        # the limit is in the run's config: one episode each
+        resume(run_dir, agents=FAKE_AGENTS, progress=False)
         invocations += 1
     assert invocations == 10  # 10 episodes of 20 steps
     assert numbers(run_dir) == numbers(reference)
@@ -334,7 +329,8 @@ def test_time_limit_rejects_bad_values(bad):
 
 def test_truncated_checkpoint_falls_back_to_previous(reference, tmp_path):
     run_dir = tmp_path / "run"
-    train(run_cfg(run_dir), "fake", FakeConfig(), progress=False, stop_after=130)
+    train(run_cfg(run_dir), "fake", FakeConfig(),
+          agents=FAKE_AGENTS, progress=False, stop_after=130)
     (_, older), (_, newest) = list_checkpoints(run_dir / "checkpoints")
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     with pytest.warns(RuntimeWarning, match=f"refusing checkpoint .*{newest.name}"):
@@ -342,15 +338,15 @@ def test_truncated_checkpoint_falls_back_to_previous(reference, tmp_path):
     assert path == older and state["step"] == 60
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        resume(run_dir, progress=False)
+        resume(run_dir, agents=FAKE_AGENTS, progress=False)
     assert numbers(run_dir) == numbers(reference)
     assert_same_agent(final_agent(run_dir), final_agent(reference))
 
 
 def test_evaluate_loads_the_last_checkpoint(reference):
-    out = evaluate(reference, episodes=3)
+    out = evaluate(reference, agents=FAKE_AGENTS, episodes=3)
     assert out["step"] == 200 and out["episodes"] == 3 and len(out["returns"]) == 3
     assert out["eval_length"] == 20 and out["value_error"] >= 0
-    assert evaluate(reference, episodes=3)["returns"] == out["returns"]
+    assert evaluate(reference, agents=FAKE_AGENTS, episodes=3)["returns"] == out["returns"]
     with pytest.raises(ValueError, match="episodes=0"):
-        evaluate(reference, episodes=0)
+        evaluate(reference, agents=FAKE_AGENTS, episodes=0)

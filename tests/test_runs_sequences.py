@@ -13,7 +13,6 @@ import torch
 
 from flatworld.agents import AgentEntry
 from flatworld.runs import ReplayBuffer, RunConfig, resume, train
-from flatworld.runs import loop as loop_mod
 from flatworld.runs.checkpoint import list_checkpoints
 from flatworld.runs.logger import read_metrics
 
@@ -59,11 +58,8 @@ class SeqAgent:
         self.mean.copy_(d["mean"])
 
 
-@pytest.fixture(autouse=True)
-def seq_registry(monkeypatch):
-    entry = AgentEntry(config_cls=SeqConfig, make=SeqAgent,
-                       action_kinds=("continuous", "discrete"))  # fmt: skip
-    monkeypatch.setattr(loop_mod, "_registry", lambda: {"seq": entry})
+SEQ_AGENTS = {"seq": AgentEntry(config_cls=SeqConfig, make=SeqAgent,
+                                 action_kinds=("continuous", "discrete"))}
 
 
 def cfg(run_dir: Path, **kw) -> RunConfig:
@@ -87,7 +83,7 @@ def test_discrete_sequence_batches_and_train_ratio(tmp_path, monkeypatch):
         seen.append(self)
 
     monkeypatch.setattr(SeqAgent, "__init__", init)
-    train(cfg(tmp_path / "r"), "seq", SeqConfig(), progress=False)
+    train(cfg(tmp_path / "r"), "seq", SeqConfig(), agents=SEQ_AGENTS, progress=False)
     agent = seen[-1]
     assert agent.discrete and agent.action_dim == 2
     # 0.5 updates per step from step 40 on: 261 steps' worth of credit.
@@ -107,9 +103,10 @@ def test_discrete_sequence_batches_and_train_ratio(tmp_path, monkeypatch):
 
 
 def test_sequence_run_resumes_bit_identical(tmp_path):
-    train(cfg(tmp_path / "ref"), "seq", SeqConfig(), progress=False)
-    train(cfg(tmp_path / "cut"), "seq", SeqConfig(), progress=False, stop_after=173)
-    resume(tmp_path / "cut", progress=False)
+    train(cfg(tmp_path / "ref"), "seq", SeqConfig(), agents=SEQ_AGENTS, progress=False)
+    train(cfg(tmp_path / "cut"), "seq", SeqConfig(),
+          agents=SEQ_AGENTS, progress=False, stop_after=173)
+    resume(tmp_path / "cut", agents=SEQ_AGENTS, progress=False)
     assert numbers(tmp_path / "cut") == numbers(tmp_path / "ref")
 
 
@@ -120,7 +117,7 @@ def row_files(run_dir: Path) -> list[tuple[int, int]]:
 
 def test_checkpoints_write_only_new_replay_rows(tmp_path):
     run_dir = tmp_path / "r"
-    train(cfg(run_dir, buffer_size=80), "seq", SeqConfig(), progress=False)
+    train(cfg(run_dir, buffer_size=80), "seq", SeqConfig(), agents=SEQ_AGENTS, progress=False)
     files = row_files(run_dir)
     # Contiguous: each file starts where the previous one stopped; no row is written twice.
     assert all(b == c for (_, b), (c, _) in zip(files, files[1:], strict=False))
@@ -135,20 +132,22 @@ def test_checkpoints_write_only_new_replay_rows(tmp_path):
 
 
 def test_wrapped_ring_resumes_bit_identical(tmp_path):
-    train(cfg(tmp_path / "ref", buffer_size=80), "seq", SeqConfig(), progress=False)
-    train(cfg(tmp_path / "cut", buffer_size=80), "seq", SeqConfig(), progress=False,
+    train(cfg(tmp_path / "ref", buffer_size=80), "seq", SeqConfig(),
+          agents=SEQ_AGENTS, progress=False)
+    train(cfg(tmp_path / "cut", buffer_size=80), "seq", SeqConfig(),
+          agents=SEQ_AGENTS, progress=False,
           stop_after=251)
-    resume(tmp_path / "cut", progress=False)
+    resume(tmp_path / "cut", agents=SEQ_AGENTS, progress=False)
     assert numbers(tmp_path / "cut") == numbers(tmp_path / "ref")
 
 
 def test_missing_replay_rows_refuse_the_checkpoint(tmp_path):
     run_dir = tmp_path / "r"
-    train(cfg(run_dir), "seq", SeqConfig(), progress=False, stop_after=200)
+    train(cfg(run_dir), "seq", SeqConfig(), agents=SEQ_AGENTS, progress=False, stop_after=200)
     (a, b) = row_files(run_dir)[-1]
     (run_dir / "checkpoints" / "replay" / f"rows_{a:012d}_{b:012d}.pt").unlink()
     with pytest.warns(RuntimeWarning, match="replay rows .* are missing"):
-        resume(run_dir, progress=False)
+        resume(run_dir, agents=SEQ_AGENTS, progress=False)
     assert read_metrics(run_dir / "metrics.csv")[-1]["step"] == "300"
 
 

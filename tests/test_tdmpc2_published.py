@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from flatworld import cli, envs, runs
+from flatworld.agents import AGENTS
 from flatworld.agents.tdmpc2 import TDMPC2Config
 from flatworld.envs import gym_suite
 from flatworld.runs.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -50,7 +51,7 @@ def test_default_action_is_an_elite_drawn_by_score_on_dmc():
     obs, _ = env.reset(seed=0)
     env.close()
     torch.manual_seed(0)
-    agent = runs.loop._entry("tdmpc2").make(tiny(), obs_shape=obs.shape, action_dim=6,
+    agent = AGENTS["tdmpc2"].make(tiny(), obs_shape=obs.shape, action_dim=6,
                                             episode_length=500)  # fmt: skip
     x = torch.as_tensor(obs)[None]
     for eval_mode in (True, False):
@@ -70,8 +71,9 @@ def test_default_action_is_an_elite_drawn_by_score_on_dmc():
 
 # ---- the update burst when seeding ends ----------------------------------------------------
 def test_burst_runs_once_as_updates_and_can_be_turned_off(tmp_path):
-    runs.train(run_cfg(tmp_path / "on"), "tdmpc2", tiny(), progress=False)
-    runs.train(run_cfg(tmp_path / "off", seed_burst=False), "tdmpc2", tiny(), progress=False)
+    runs.train(run_cfg(tmp_path / "on"), "tdmpc2", tiny(), agents=AGENTS, progress=False)
+    runs.train(run_cfg(tmp_path / "off", seed_burst=False), "tdmpc2", tiny(),
+               agents=AGENTS, progress=False)
     on, off = updates_by_step(tmp_path / "on"), updates_by_step(tmp_path / "off")
     assert on[40] == 0 and on[50] == 50 and on[60] == 60 and on[120] == 120
     assert off[50] == 1 and off[120] == 71
@@ -80,10 +82,10 @@ def test_burst_runs_once_as_updates_and_can_be_turned_off(tmp_path):
 
 @pytest.mark.parametrize("stop_after", [40, 77])  # killed before the burst, and after it
 def test_resumed_run_does_not_repeat_the_burst(tmp_path, stop_after):
-    runs.train(run_cfg(tmp_path / "ref"), "tdmpc2", tiny(), progress=False)
-    runs.train(run_cfg(tmp_path / "cut"), "tdmpc2", tiny(), progress=False,
+    runs.train(run_cfg(tmp_path / "ref"), "tdmpc2", tiny(), agents=AGENTS, progress=False)
+    runs.train(run_cfg(tmp_path / "cut"), "tdmpc2", tiny(), agents=AGENTS, progress=False,
                stop_after=stop_after)
-    runs.resume(tmp_path / "cut", progress=False)
+    runs.resume(tmp_path / "cut", agents=AGENTS, progress=False)
     assert numbers(tmp_path / "cut") == numbers(tmp_path / "ref")
     assert updates_by_step(tmp_path / "cut")[120] == 120
 
@@ -124,17 +126,17 @@ def trained_looking(agent):
 def test_td_target_at_a_terminal_step_is_the_reward(tmp_path):
     batch = hopper_window_ending_in_a_fall()
     assert batch["terminated"][-1].item() == 1.0 and batch["reward"][-1].item() != 0.0
-    cfg = runs.loop.resolve_episodic("gym/Hopper-v5", tiny())
+    cfg = runs.folder.resolve_episodic("gym/Hopper-v5", tiny())
     assert cfg.episodic is True  # set from the suite, not by the user
     torch.manual_seed(0)
-    agent = trained_looking(runs.loop._entry("tdmpc2").make(
+    agent = trained_looking(AGENTS["tdmpc2"].make(
         cfg, obs_shape=(11,), action_dim=3, episode_length=1000))  # fmt: skip
     agent.model.train()
     td = agent.targets(batch)["td"]
     assert td[-1].item() == batch["reward"][-1].item()  # exactly the reward, no bootstrap
     assert (td[:-1] != batch["reward"][:-1]).all()  # earlier steps do bootstrap
     torch.manual_seed(0)
-    blind = trained_looking(runs.loop._entry("tdmpc2").make(
+    blind = trained_looking(AGENTS["tdmpc2"].make(
         tiny(episodic=False), obs_shape=(11,), action_dim=3, episode_length=1000))
     blind.model.train()
     assert blind.targets(batch)["td"][-1].item() != batch["reward"][-1].item()
@@ -145,13 +147,13 @@ def test_suites_declare_terminations():
     assert envs.terminates("gym/Hopper-v5") and envs.terminates("gym/Humanoid-v5")
     assert not envs.terminates("gym/HalfCheetah-v5")
     assert envs.terminates("humanoidbench/h1hand-walk-v0")
-    assert runs.loop.resolve_episodic("dmc/walker-walk", tiny()).episodic is False
+    assert runs.folder.resolve_episodic("dmc/walker-walk", tiny()).episodic is False
 
 
 def test_forcing_no_episodic_on_a_terminating_suite_fails(tmp_path, capsys):
     with pytest.raises(ValueError, match="can terminate"):
         runs.train(run_cfg(tmp_path / "r", env="gym/Hopper-v5"), "tdmpc2",
-                   tiny(episodic=False), progress=False)
+                   tiny(episodic=False), agents=AGENTS, progress=False)
     assert not (tmp_path / "r").exists()
     with pytest.raises(SystemExit) as exc:
         cli.main(["train", "tdmpc2", "--env", "gym/Hopper-v5", "--no-episodic",
@@ -164,7 +166,7 @@ def test_forcing_no_episodic_on_a_terminating_suite_fails(tmp_path, capsys):
 def test_gymnasium_mujoco_runs_end_to_end_with_terminations(tmp_path, env_id):
     cfg = run_cfg(tmp_path / "r", env=env_id, steps=80, seed_steps=30, eval_every=40,
                   diag_every=40, log_every=20, env_options={"episode_length": 40})
-    runs.train(cfg, "tdmpc2", tiny(), progress=False)
+    runs.train(cfg, "tdmpc2", tiny(), agents=AGENTS, progress=False)
     stored = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert stored["agent"]["config"]["episodic"] is True
     rows = read_metrics(tmp_path / "r" / "metrics.csv")
@@ -202,7 +204,8 @@ def test_run_folder_errors_are_one_line(tmp_path, capsys):
     assert "not a flatworld run folder" in cli_error(["train", "--resume", str(tmp_path)], capsys)
     assert "not a folder" in cli_error(["train", "--resume", str(tmp_path / "no")], capsys)
     run_dir = tmp_path / "r"
-    runs.train(run_cfg(run_dir, steps=30, seed_steps=20), "tdmpc2", tiny(), progress=False)
+    runs.train(run_cfg(run_dir, steps=30, seed_steps=20), "tdmpc2", tiny(),
+               agents=AGENTS, progress=False)
     err = cli_error(["train", "tdmpc2", "--env", "dmc/cartpole-swingup",
                      "--run-dir", str(run_dir)], capsys)  # fmt: skip
     assert f"flatworld train --resume {run_dir}" in err
@@ -219,15 +222,15 @@ def test_help_lists_accepted_values_and_defaults(capsys):
 
 
 def test_checkpoint_missing_keys_falls_back_and_is_set_aside(tmp_path):
-    runs.train(run_cfg(tmp_path / "ref"), "tdmpc2", tiny(), progress=False)
+    runs.train(run_cfg(tmp_path / "ref"), "tdmpc2", tiny(), agents=AGENTS, progress=False)
     cut = tmp_path / "cut"
-    runs.train(run_cfg(cut), "tdmpc2", tiny(), progress=False, stop_after=90)
+    runs.train(run_cfg(cut), "tdmpc2", tiny(), agents=AGENTS, progress=False, stop_after=90)
     (_, older), (_, newest) = list_checkpoints(cut / "checkpoints")
     state = torch.load(newest, weights_only=True)
     del state["agent"]["scale"]  # loads, but lacks part of the state
     torch.save(state, newest)
     with pytest.warns(RuntimeWarning, match=f"refusing checkpoint .*{newest.name}.*'scale'"):
-        runs.resume(cut, progress=False)
+        runs.resume(cut, agents=AGENTS, progress=False)
     assert numbers(cut) == numbers(tmp_path / "ref")
     assert newest.with_name(newest.name + ".refused").exists()
     assert [s for s, _ in list_checkpoints(cut / "checkpoints")][-1] == 120
@@ -253,24 +256,25 @@ def test_a_refused_checkpoint_never_costs_the_newest_good_one(tmp_path):
 
 def test_resume_only_with_the_same_config(tmp_path):
     cfg = run_cfg(tmp_path / "r", steps=60)
-    runs.train_or_resume(cfg, "tdmpc2", tiny(), progress=False, stop_after=40)
+    runs.train_or_resume(cfg, "tdmpc2", tiny(), agents=AGENTS, progress=False, stop_after=40)
     with pytest.raises(runs.ConfigMismatchError, match=r"run\.steps: stored 60, requested 90"):
         runs.train_or_resume(dataclasses.replace(cfg, steps=90), "tdmpc2", tiny(),
-                             progress=False)  # fmt: skip
+                             agents=AGENTS, progress=False)  # fmt: skip
     with pytest.raises(runs.ConfigMismatchError, match=r"run\.env"):
         runs.train_or_resume(dataclasses.replace(cfg, env="dmc/walker-walk"), "tdmpc2",
-                             tiny(), progress=False)  # fmt: skip
-    runs.train_or_resume(cfg, "tdmpc2", tiny(), progress=False)  # the same: goes on
+                             tiny(), agents=AGENTS, progress=False)  # fmt: skip
+    runs.train_or_resume(cfg, "tdmpc2", tiny(), agents=AGENTS, progress=False)  # the same: goes on
     assert read_metrics(tmp_path / "r" / "metrics.csv")[-1]["step"] == "60"
 
 
 def test_run_killed_before_its_first_checkpoint_starts_again(tmp_path):
-    runs.train(run_cfg(tmp_path / "ref", steps=60), "tdmpc2", tiny(), progress=False)
+    runs.train(run_cfg(tmp_path / "ref", steps=60), "tdmpc2", tiny(), agents=AGENTS, progress=False)
     cut = tmp_path / "cut"
-    runs.train(run_cfg(cut, steps=60), "tdmpc2", tiny(), progress=False, stop_after=20)
+    runs.train(run_cfg(cut, steps=60), "tdmpc2", tiny(),
+               agents=AGENTS, progress=False, stop_after=20)
     assert not list_checkpoints(cut / "checkpoints")
     with pytest.warns(RuntimeWarning, match="starting it again"):
-        runs.resume(cut, progress=False)
+        runs.resume(cut, agents=AGENTS, progress=False)
     assert numbers(cut) == numbers(tmp_path / "ref")
 
 
@@ -287,11 +291,11 @@ def test_every_environment_is_closed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(envs, "make", tracking_make)
     runs.train(run_cfg(tmp_path / "r", steps=30, seed_steps=20), "tdmpc2", tiny(),
-               progress=False)  # fmt: skip
-    runs.evaluate(tmp_path / "r", episodes=1)
+               agents=AGENTS, progress=False)  # fmt: skip
+    runs.evaluate(tmp_path / "r", agents=AGENTS, episodes=1)
     with pytest.raises(ValueError):
         runs.train(run_cfg(tmp_path / "bad", env="gym/CartPole-v1"), "tdmpc2", tiny(),
-                   progress=False)  # fmt: skip
+                   agents=AGENTS, progress=False)  # fmt: skip
     assert len(made) == 6 and all(any(e is c for c in closed) for e in made)
 
 
@@ -376,11 +380,11 @@ def test_warnings_module_is_quiet_on_import():
 def test_killed_episodic_run_resumes_to_identical_metrics(tmp_path):
     cfg = dict(env="gym/Hopper-v5", steps=100, seed_steps=30, eval_every=50, diag_every=50,
                checkpoint_every=10, env_options={"episode_length": 30})
-    runs.train(run_cfg(tmp_path / "ref", **cfg), "tdmpc2", tiny(), progress=False)
-    runs.train(run_cfg(tmp_path / "cut", **cfg), "tdmpc2", tiny(), progress=False,
+    runs.train(run_cfg(tmp_path / "ref", **cfg), "tdmpc2", tiny(), agents=AGENTS, progress=False)
+    runs.train(run_cfg(tmp_path / "cut", **cfg), "tdmpc2", tiny(), agents=AGENTS, progress=False,
                stop_after=71)
     assert list_checkpoints(tmp_path / "cut" / "checkpoints")
-    runs.resume(tmp_path / "cut", progress=False)
+    runs.resume(tmp_path / "cut", agents=AGENTS, progress=False)
     assert numbers(tmp_path / "cut") == numbers(tmp_path / "ref")
 
 

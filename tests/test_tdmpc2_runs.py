@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flatworld import optim
+from flatworld.agents import AGENTS
 from flatworld.agents.tdmpc2 import TDMPC2Config
 from flatworld.runs import RunConfig, resume, train
 from flatworld.runs.logger import read_metrics
@@ -35,7 +36,7 @@ def numbers(run_dir):
 
 
 def test_a_few_hundred_steps_lower_the_world_model_loss(tmp_path):
-    train(run_cfg(tmp_path / "r"), "tdmpc2", tiny(sam=True), progress=False)
+    train(run_cfg(tmp_path / "r"), "tdmpc2", tiny(sam=True), agents=AGENTS, progress=False)
     losses = [float(r["wm_loss"]) for r in numbers(tmp_path / "r") if r["wm_loss"]]
     assert len(losses) >= 4 and losses[-1] < 0.7 * losses[0]
     rows = numbers(tmp_path / "r")
@@ -47,8 +48,8 @@ def test_a_few_hundred_steps_lower_the_world_model_loss(tmp_path):
 @pytest.mark.parametrize("sam", [False, True])
 def test_killed_run_resumes_to_the_same_numbers(tmp_path, sam):
     steps = 200
-    train(run_cfg(tmp_path / "ref", steps), "tdmpc2", tiny(sam), progress=False)
-    train(run_cfg(tmp_path / "cut", steps), "tdmpc2", tiny(sam), progress=False,
+    train(run_cfg(tmp_path / "ref", steps), "tdmpc2", tiny(sam), agents=AGENTS, progress=False)
+    train(run_cfg(tmp_path / "cut", steps), "tdmpc2", tiny(sam), agents=AGENTS, progress=False,
           stop_after=137)
-    resume(tmp_path / "cut", progress=False)
+    resume(tmp_path / "cut", agents=AGENTS, progress=False)
     assert numbers(tmp_path / "cut") == numbers(tmp_path / "ref")

@@ -6,25 +6,8 @@ returns an object that follows ``flatworld.runs.protocol.Agent``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
 from flatworld.agents import dreamer, tdmpc2
-
-
-@dataclass(frozen=True)
-class AgentEntry:
-    config_cls: type
-    make: Callable[..., Any]
-    action_kinds: tuple[str, ...] = ("continuous",)  # flatworld.envs.action_kind values
-    # The published trainer's schedule: when seeding ends, as many updates as seed steps.
-    seed_burst: bool = False
-    # Random-action steps before the agent acts, from (agent config, episode length), when the
-    # run does not set them. TD-MPC2's rule by default.
-    seed_steps: Callable[[Any, int], int] = lambda cfg, episode_length: max(
-        1000, 5 * episode_length)
-
+from flatworld.runs.protocol import AgentEntry
 
 AGENTS: dict[str, AgentEntry] = {
     "tdmpc2": AgentEntry(config_cls=tdmpc2.TDMPC2Config, make=tdmpc2.make, seed_burst=True),

@@ -80,7 +80,7 @@ def sweep_runs(sweep_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
 
 def loose_run(run_dir: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """(folder, its identifying fields, its agent config flattened)."""
-    from flatworld.runs.loop import flat_config
+    from flatworld.runs import flat_config
 
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"

@@ -125,6 +125,7 @@ def execute(job: Job) -> dict[str, Any]:
     import torch
 
     from flatworld import runs
+    from flatworld.agents import AGENTS
 
     t0 = time.time()
     Path(job.log).parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +149,8 @@ def execute(job: Job) -> dict[str, Any]:
         if job.threads:
             torch.set_num_threads(int(job.threads))
         try:
-            runs.train_or_resume(job.run_cfg, job.agent, job.agent_cfg, progress=False)
+            runs.train_or_resume(job.run_cfg, job.agent, job.agent_cfg, agents=AGENTS,
+                                 progress=False)
         except BaseException as err:  # noqa: BLE001  (reported to the driver, with its log)
             traceback.print_exc()
             sys.stdout.flush()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -102,3 +104,29 @@ def load_checkpoint(
                 bad.rename(bad.with_name(bad.name + ".refused"))
         return state, path
     raise ValueError(f"no checkpoint in {folder} loads:\n  " + "\n  ".join(errors))
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch, numpy, Python (and CUDA) RNG states, as a checkpoint stores them."""
+    # Only tensors, ints, floats, strings and lists: torch.load(weights_only=True) reads them.
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -8,208 +8,51 @@ to one that never stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import re
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from gymnasium import spaces as gym_spaces
 
 from flatworld.runs.checkpoint import (
     atomic_write,
-    atomic_write_text,
     list_checkpoints,
     load_checkpoint,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
 )
-from flatworld.runs.config import RunConfig, from_dict
+from flatworld.runs.config import RunConfig
+from flatworld.runs.episodes import (
+    ACTIONS,
+    DIAG,
+    EVAL,
+    REPLAY,
+    TRAIN,
+    derive_seed,
+    env_action,
+    run_episodes,
+)
+from flatworld.runs.folder import (
+    ConfigMismatchError,
+    agent_entry,
+    checked_configs,
+    config_differences,
+    holds_run,
+    read_config,
+    run_dir_of,
+    write_config,
+)
 from flatworld.runs.logger import MetricsLog
 from flatworld.runs.memory import keep_freed_memory
-from flatworld.runs.protocol import Agent
+from flatworld.runs.protocol import Agent, AgentEntry, Agents
 from flatworld.runs.replay import ReplayBuffer
 
-_TRAIN, _EVAL, _ACTIONS, _REPLAY, _DIAG, _EVALUATE = range(6)  # seed streams
 _ROWS = re.compile(r"^rows_(\d+)_(\d+)\.pt$")
-
-
-def derive_seed(*parts: int) -> int:
-    """A 32-bit seed that depends on every part (and on nothing else)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-class ConfigMismatchError(ValueError):
-    """A run folder holds a run whose stored config differs from the requested one."""
-
-
-def check_device(device: str) -> None:
-    """Fail before anything runs when `device` is not usable on this machine."""
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            why = "torch was built without CUDA" if torch.version.cuda is None else "no GPU seen"
-            raise ValueError(f"device={device!r}: CUDA is not available here ({why}, torch "
-                             f"{torch.__version__}); accepted here: 'cpu'")  # fmt: skip
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r}: this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")  # fmt: skip
-    elif device == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device='mps': MPS is not available here; accepted here: 'cpu'")
-
-
-def resolve_episodic(env_id: str, agent_cfg: Any) -> Any:
-    """The agent config with `episodic` set from the env suite when left None.
-
-    Forcing it off on a suite whose tasks terminate is refused: the value targets would
-    bootstrap through terminal states (the published TD-MPC2 trainer refuses it too).
-    """
-    from flatworld.envs import terminates
-
-    if not hasattr(agent_cfg, "episodic"):
-        return agent_cfg
-    can_terminate = terminates(env_id)
-    if agent_cfg.episodic is None:
-        return dataclasses.replace(agent_cfg, episodic=can_terminate)
-    if agent_cfg.episodic is False and can_terminate:
-        raise ValueError(
-            f"episodic=False, but {env_id} can terminate (its episodes end when the agent "
-            "fails, not only at the time limit); with episodic off the value targets would "
-            "bootstrap through terminal states. Leave episodic unset, so it follows the suite, "
-            "or pass --episodic."
-        )
-    return agent_cfg
-
-
-def _registry() -> dict[str, Any]:
-    # Imported here: the agents package builds on flatworld.runs' protocol, not the reverse.
-    from flatworld.agents import AGENTS
-
-    return AGENTS
-
-
-def _entry(name: str) -> Any:
-    agents = _registry()
-    if name not in agents:
-        raise ValueError(f"agent={name!r}: expected one of {sorted(agents)}")
-    return agents[name]
-
-
-def _plain(x: Any) -> Any:
-    """asdict output with tuples as lists, so yaml.safe_dump can write it."""
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
-    return x
-
-
-def _config_dict(cfg: Any) -> dict[str, Any]:
-    return _plain(dataclasses.asdict(cfg))
-
-
-def write_config(run_dir: Path, run_cfg: RunConfig, agent_name: str, agent_cfg: Any) -> None:
-    from flatworld import __version__
-
-    doc = {
-        "flatworld_version": __version__,
-        "run": _config_dict(run_cfg),
-        "agent": {"name": agent_name, "config": _config_dict(agent_cfg)},
-    }
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
-
-
-def read_config(run_dir: str | Path) -> tuple[RunConfig, str, Any]:
-    """(run config, agent name, agent config) rebuilt from `run_dir/config.yaml`."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a flatworld run folder?")
-    doc = yaml.safe_load(path.read_text())
-    run_cfg = RunConfig.from_dict(doc["run"])
-    name = doc["agent"]["name"]
-    cls = _entry(name).config_cls
-    make_cfg = getattr(cls, "from_dict", None)
-    raw = doc["agent"]["config"]
-    agent_cfg = make_cfg(raw) if make_cfg is not None else from_dict(cls, raw)
-    return run_cfg, name, agent_cfg
-
-
-def _rng_state() -> dict[str, Any]:
-    # Only tensors, ints, floats, strings and lists: torch.load(weights_only=True) reads them.
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "python": [version, list(internal), gauss_next],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _discounted(rewards: list[float], discount: float) -> float:
-    ret = 0.0
-    for r in reversed(rewards):
-        ret = r + discount * ret
-    return ret
-
-
-def env_action(env: Any, action: np.ndarray) -> Any:
-    """What `env.step` takes: the index of a one-hot action for a discrete env."""
-    if isinstance(getattr(env, "action_space", None), gym_spaces.Discrete):
-        return int(np.argmax(action))
-    return action
-
-
-def run_episodes(
-    env: Any, agent: Agent, seeds: list[int], value: bool = True
-) -> dict[str, float | list[float]]:
-    """Evaluation episodes (eval_mode=True), one per seed. The value-prediction error compares
-    agent.value(first obs) with the discounted return realised from it (agent.discount)."""
-    returns, lengths, disc, preds = [], [], [], []
-    for seed in seeds:
-        obs, _ = env.reset(seed=seed)
-        obs = np.asarray(obs, np.float32)
-        if value:
-            preds.append(float(agent.value(obs)))
-        rewards, done, t = [], False, 0
-        while not done:
-            action = agent.act(obs, t0=t == 0, eval_mode=True)
-            obs, r, term, trunc, _ = env.step(env_action(env, action))
-            obs = np.asarray(obs, np.float32)
-            rewards.append(float(r))
-            done, t = term or trunc, t + 1
-        returns.append(sum(rewards))
-        lengths.append(t)
-        disc.append(_discounted(rewards, float(agent.discount)))
-    out: dict[str, float | list[float]] = {
-        "eval_return": float(np.mean(returns)),
-        "eval_return_std": float(np.std(returns)),
-        "eval_length": float(np.mean(lengths)),
-        "eval_discounted_return": float(np.mean(disc)),
-        "returns": returns,
-    }
-    if value:
-        out["value_pred"] = float(np.mean(preds))
-        out["value_error"] = float(np.mean(np.abs(np.array(preds) - np.array(disc))))
-    return out
 
 
 def _check_keys(expected: Any, got: Any, where: str) -> None:
@@ -226,10 +69,11 @@ def _check_keys(expected: Any, got: Any, where: str) -> None:
             _check_keys(value, got[key], f"{where}.{key}")
 
 
-class _Loop:
-    def __init__(
-        self, run_dir: Path, cfg: RunConfig, agent_name: str, agent_cfg: Any, replay: bool = True
-    ):
+class Loop:
+    """One run's envs, agent, replay and counters, and the online loop that drives them."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, entry: AgentEntry, agent_name: str,
+                 agent_cfg: Any, replay: bool = True):  # fmt: skip
         from flatworld.envs import make
 
         self.run_dir, self.cfg = run_dir, cfg
@@ -240,8 +84,8 @@ class _Loop:
         self.env = self.eval_env = None
         try:
             self.env = make(cfg.env, seed=cfg.seed, **cfg.env_options)
-            self.eval_env = make(cfg.env, seed=derive_seed(cfg.seed, _EVAL), **cfg.env_options)
-            self._build(cfg, agent_name, agent_cfg, replay)
+            self.eval_env = make(cfg.env, seed=derive_seed(cfg.seed, EVAL), **cfg.env_options)
+            self._build(cfg, entry, agent_name, agent_cfg, replay)
         except BaseException:
             self.close()
             raise
@@ -253,10 +97,10 @@ class _Loop:
                 env.close()
         self.env = self.eval_env = None
 
-    def _build(self, cfg: RunConfig, agent_name: str, agent_cfg: Any, replay: bool) -> None:
+    def _build(self, cfg: RunConfig, entry: AgentEntry, agent_name: str, agent_cfg: Any,
+               replay: bool) -> None:  # fmt: skip
         from flatworld.envs import action_kind, episode_length
 
-        entry = _entry(agent_name)
         kind = action_kind(self.env)
         if kind not in entry.action_kinds:
             raise ValueError(
@@ -297,9 +141,9 @@ class _Loop:
             tuple(obs_space.shape),
             self.action_dim,
             obs_space.dtype,
-            seed=derive_seed(cfg.seed, _REPLAY),
+            seed=derive_seed(cfg.seed, REPLAY),
         )
-        self.action_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _ACTIONS))
+        self.action_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, ACTIONS))
         self.diag_batch: dict[str, torch.Tensor] | None = None
         self._batch: dict[str, torch.Tensor] | None = None  # refilled by every update
         self.step = 0  # agent steps taken
@@ -340,7 +184,7 @@ class _Loop:
             "replay": self.buffer.meta_state(),
             "diag_batch": self._compact(self.diag_batch),
             "action_gen": self.action_gen.get_state(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
@@ -362,7 +206,7 @@ class _Loop:
         ):
             setattr(self, k, s[k])
         self.sums = dict(s["sums"])
-        _set_rng_state(s["rng"])
+        set_rng_state(s["rng"])
 
     def check_state(self, state: dict[str, Any]) -> None:
         """Raise ValueError if a loaded checkpoint lacks part of this loop's state, or if
@@ -447,7 +291,7 @@ class _Loop:
 
     # -- pieces of a step ---------------------------------------------------------------------
     def _reset(self) -> np.ndarray:
-        obs, _ = self.env.reset(seed=derive_seed(self.cfg.seed, _TRAIN, self.episode))
+        obs, _ = self.env.reset(seed=derive_seed(self.cfg.seed, TRAIN, self.episode))
         self.buffer.start_episode(obs)
         return np.asarray(obs, np.float32)
 
@@ -479,7 +323,7 @@ class _Loop:
         agent = self.agent
         if self.diag_batch is None:
             # Sampled once, from its own stream, so it does not shift the training samples.
-            gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, _DIAG))
+            gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, DIAG))
             self.diag_batch = self._sample(generator=gen)
         # Sampled into the previous update's batch: the loop allocates its batch once.
         batch = self._batch = self._sample(device=self.cfg.device, out=self._batch)
@@ -502,7 +346,7 @@ class _Loop:
 
     def _evaluate(self) -> dict[str, Any]:
         seeds = [
-            derive_seed(self.cfg.seed, _EVAL, self.step, i) for i in range(self.cfg.eval_episodes)
+            derive_seed(self.cfg.seed, EVAL, self.step, i) for i in range(self.cfg.eval_episodes)
         ]
         out = run_episodes(self.eval_env, self.agent, seeds)
         out.pop("returns")
@@ -610,58 +454,32 @@ class _Loop:
             log.close()
 
 
-def _default_run_dir(cfg: RunConfig) -> Path:
-    return Path("runs") / f"{cfg.env.replace('/', '-')}-s{cfg.seed}"
-
-
-def _run_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.run_dir) if cfg.run_dir else _default_run_dir(cfg)
-
-
-def _holds_run(run_dir: Path) -> bool:
-    return (run_dir / "config.yaml").exists() or bool(list_checkpoints(run_dir / "checkpoints"))
-
-
-def _checked_configs(run_cfg: RunConfig, agent_name: str, agent_cfg: Any) -> Any:
-    """Validate both configs and the device; returns the agent config with the suite's
-    `episodic` filled in. Reads and writes nothing."""
-    run_cfg.validate()
-    entry = _entry(agent_name)
-    if not isinstance(agent_cfg, entry.config_cls):
-        raise ValueError(
-            f"agent_cfg: expected a {entry.config_cls.__name__} for agent "
-            f"{agent_name!r}, got {type(agent_cfg).__name__}"
-        )
-    agent_cfg = resolve_episodic(run_cfg.env, agent_cfg)
-    if hasattr(agent_cfg, "validate"):
-        agent_cfg.validate()
-    check_device(run_cfg.device)
-    return agent_cfg
-
-
 def train(
     run_cfg: RunConfig,
     agent_name: str,
     agent_cfg: Any,
+    *,
+    agents: Agents,
     progress: bool = True,
     stop_after: int | None = None,
 ) -> Path:
-    """Train `agent_name` (a key of flatworld.agents.AGENTS) online; returns the run folder.
+    """Train agent `agent_name` (its entry in `agents`) online; returns the run folder.
 
     Everything is checked before the folder is made: the configs, the device, the env id and
     its action space against the agent. `stop_after` stops the loop after that many steps
     without a final checkpoint, as a crash would (for testing resume).
     """
-    agent_cfg = _checked_configs(run_cfg, agent_name, agent_cfg)
-    run_dir = _run_dir(run_cfg)
+    agent_cfg = checked_configs(run_cfg, agent_name, agent_cfg, agents)
+    run_dir = run_dir_of(run_cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run_dir={str(run_dir)!r} is a file; a run needs a folder")
-    if _holds_run(run_dir):
+    if holds_run(run_dir):
         raise FileExistsError(
             f"{run_dir} already holds a run: resume it with `flatworld train --resume "
             f"{run_dir}`, or choose another --run-dir"
         )
-    loop = _Loop(run_dir, run_cfg, agent_name, agent_cfg)  # builds the envs: bad ids fail here
+    # Building the loop builds the envs: bad ids fail here, before the folder exists.
+    loop = Loop(run_dir, run_cfg, agent_entry(agents, agent_name), agent_name, agent_cfg)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, run_cfg, agent_name, agent_cfg)
@@ -671,7 +489,8 @@ def train(
     return run_dir
 
 
-def resume(run_dir: str | Path, progress: bool = True, stop_after: int | None = None) -> Path:
+def resume(run_dir: str | Path, *, agents: Agents, progress: bool = True,
+           stop_after: int | None = None) -> Path:  # fmt: skip
     """Go on from the last checkpoint that loads; metrics rows after it are redone.
 
     A run killed before its first checkpoint (checkpoints are taken at episode ends) starts
@@ -684,9 +503,9 @@ def resume(run_dir: str | Path, progress: bool = True, stop_after: int | None = 
         raise ValueError(f"{run_dir} is not a folder: --resume takes a run folder")
     if not (run_dir / "config.yaml").exists():
         raise ValueError(f"{run_dir} is not a flatworld run folder (no config.yaml)")
-    run_cfg, agent_name, agent_cfg = read_config(run_dir)
-    agent_cfg = _checked_configs(run_cfg, agent_name, agent_cfg)
-    loop = _Loop(run_dir, run_cfg, agent_name, agent_cfg)
+    run_cfg, agent_name, agent_cfg = read_config(run_dir, agents)
+    agent_cfg = checked_configs(run_cfg, agent_name, agent_cfg, agents)
+    loop = Loop(run_dir, run_cfg, agent_entry(agents, agent_name), agent_name, agent_cfg)
     try:
         folder = run_dir / "checkpoints"
         if not list_checkpoints(folder):
@@ -704,86 +523,22 @@ def resume(run_dir: str | Path, progress: bool = True, stop_after: int | None = 
     return run_dir
 
 
-def flat_config(d: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested config as {"a.b.c": value} (also used to compare run folders' configs)."""
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flat_config(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def config_differences(run_dir: str | Path, run_cfg: RunConfig, agent_name: str,
-                       agent_cfg: Any) -> list[str]:  # fmt: skip
-    """`field: stored X, requested Y` for every config field that differs from the run's."""
-    stored_run, stored_name, stored_agent = read_config(run_dir)
-    stored = flat_config({"run": _config_dict(stored_run), "agent": stored_name,
-                    "config": _config_dict(stored_agent)})  # fmt: skip
-    wanted = flat_config({"run": _config_dict(run_cfg), "agent": agent_name,
-                    "config": _config_dict(agent_cfg)})  # fmt: skip
-    return [f"{k}: stored {stored.get(k)!r}, requested {wanted.get(k)!r}"
-            for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
-
-
-def train_or_resume(run_cfg: RunConfig, agent_name: str, agent_cfg: Any, progress: bool = True,
-                    stop_after: int | None = None) -> Path:  # fmt: skip
+def train_or_resume(run_cfg: RunConfig, agent_name: str, agent_cfg: Any, *, agents: Agents,
+                    progress: bool = True, stop_after: int | None = None) -> Path:  # fmt: skip
     """Train a new run, or go on with the one in `run_cfg.run_dir` when its stored config is
     the requested one (a finished run returns at once). A different config is refused with
     the fields that differ: a run never silently continues under another env or budget."""
-    agent_cfg = _checked_configs(run_cfg, agent_name, agent_cfg)
-    run_dir = _run_dir(run_cfg)
+    agent_cfg = checked_configs(run_cfg, agent_name, agent_cfg, agents)
+    run_dir = run_dir_of(run_cfg)
     if not (run_dir / "config.yaml").exists():
-        return train(run_cfg, agent_name, agent_cfg, progress, stop_after)
-    diff = config_differences(run_dir, run_cfg, agent_name, agent_cfg)
+        return train(run_cfg, agent_name, agent_cfg, agents=agents, progress=progress,
+                     stop_after=stop_after)
+    diff = config_differences(run_dir, run_cfg, agent_name, agent_cfg, agents)
     if diff:
         raise ConfigMismatchError(
             f"{run_dir} holds a run with another config; remove it or choose another folder. "
             "Differences: " + "; ".join(diff)
         )
-    return resume(run_dir, progress, stop_after)
+    return resume(run_dir, agents=agents, progress=progress, stop_after=stop_after)
 
 
-@contextmanager
-def trained_agent(run_dir: str | Path) -> Iterator[tuple[Agent, Any, dict[str, Any]]]:
-    """The agent of a run's last good checkpoint, an evaluation env of the run's task (closed
-    on exit), and ``{"step", "path"}`` of the checkpoint with the run's ``config``: for
-    evaluation and probes."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise ValueError(f"{run_dir} is not a flatworld run folder (no config.yaml)")
-    run_cfg, agent_name, agent_cfg = read_config(run_dir)
-    check_device(run_cfg.device)
-    loop = _Loop(run_dir, run_cfg, agent_name, agent_cfg, replay=False)
-    try:
-        state, path = load_checkpoint(run_dir / "checkpoints", validate=loop.check_agent_state)
-        loop.agent.load_state_dict(state["agent"])
-        yield loop.agent, loop.eval_env, {"step": state["step"], "path": path, "config": run_cfg}
-    finally:
-        loop.close()
-
-
-def evaluate(run_dir: str | Path, episodes: int = 10) -> dict[str, Any]:
-    """Evaluate the agent of the last good checkpoint on `episodes` fresh seeded episodes."""
-    if not isinstance(episodes, int) or episodes < 1:
-        raise ValueError(f"episodes={episodes!r}: expected an int >= 1")
-    with trained_agent(run_dir) as (agent, env, ckpt):
-        run_cfg = ckpt["config"]
-        torch.manual_seed(derive_seed(run_cfg.seed, _EVALUATE))
-        seeds = [derive_seed(run_cfg.seed, _EVALUATE, i) for i in range(episodes)]
-        out = run_episodes(env, agent, seeds)
-    if run_cfg.env.startswith("atari/"):
-        out.update(_human_normalized(run_cfg.env, out))
-    return {"step": ckpt["step"], "checkpoint": str(ckpt["path"]), "episodes": episodes, **out}
-
-
-def _human_normalized(env_id: str, out: dict[str, Any]) -> dict[str, Any]:
-    """Atari scores as (score - random) / (human - random), from the packaged table."""
-    from flatworld.envs.atari import human_normalized
-
-    try:
-        return {"human_normalized": human_normalized(env_id, float(out["eval_return"])),
-                "human_normalized_per_episode": [human_normalized(env_id, r)
-                                                 for r in out["returns"]]}  # fmt: skip
-    except ValueError:  # a game outside the Atari-100k table
-        return {}

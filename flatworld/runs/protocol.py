@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -43,3 +45,26 @@ class Agent(Protocol):
         ...
 
     def load_state_dict(self, d: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class AgentEntry:
+    """What a run needs of an agent family: its config dataclass and a factory.
+
+    ``make(cfg, obs_shape=..., action_dim=..., episode_length=..., device=..., total_steps=...)``
+    returns an `Agent`. The caller (the CLI, a sweep, the demo) resolves the agent's name to
+    its entry and hands `flatworld.runs` the table of entries it may use (`Agents`).
+    """
+
+    config_cls: type
+    make: Callable[..., Any]
+    action_kinds: tuple[str, ...] = ("continuous",)  # flatworld.envs.action_kind values
+    # The published trainer's schedule: when seeding ends, as many updates as seed steps.
+    seed_burst: bool = False
+    # Random-action steps before the agent acts, from (agent config, episode length), when the
+    # run does not set them. TD-MPC2's rule by default.
+    seed_steps: Callable[[Any, int], int] = lambda cfg, episode_length: max(
+        1000, 5 * episode_length)
+
+
+Agents = Mapping[str, AgentEntry]  # agent name (as config.yaml stores it) -> its entry
