@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -98,8 +99,9 @@ def _envs(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from flatworld import optim, runs
+    from flatworld import runs
     from flatworld.agents import AGENTS
+    from flatworld.runs.config import check_seeding, read_config_file
 
     if args.resume:
         try:
@@ -107,34 +109,81 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         except (ValueError, OSError) as err:  # a run-level problem: one line, no traceback
             parser.error(str(err))
         return
-    if args.agent is None:
-        parser.error(f"train needs an agent (one of {sorted(AGENTS)}) or --resume RUN_DIR")
-    if args.agent not in AGENTS:
-        parser.error(f"agent={args.agent!r}; accepted: {sorted(AGENTS)}")
-    entry = AGENTS[args.agent]
     try:
-        run_cfg = runs.RunConfig(**_given(args, "run_", args.run_fields)).validate()
-        sam_fields = _given(args, "sam_", args.sam_fields)
-        if args.rho is not None:
-            sam_fields["rho"] = args.rho
-        if args.wm_optim == "adam" and sam_fields:
-            raise ValueError(f"SAM options {sorted(sam_fields)} given with --wm-optim adam; "
-                             "use --wm-optim sam")
-        sam = optim.SamSpec(**sam_fields) if args.wm_optim == "sam" else None
-        base = entry.config_cls()
-        spec_kwargs = {"lr": args.wm_lr} if args.wm_lr is not None else {}
-        wm_optim = dataclasses.replace(base.wm_optim, sam=sam, **spec_kwargs)
-        agent_cfg = dataclasses.replace(base, wm_optim=wm_optim,
-                                        **_given(args, "agent_", args.agent_fields))
-        agent_cfg.validate()
-    except (ValueError, TypeError) as err:
+        doc = read_config_file(args.config) if args.config else {}
+    except ValueError as err:
+        parser.error(str(err))
+    named = doc.get("agent", {}).get("name")
+    agent = args.agent or named
+    if agent is None:
+        parser.error(f"train needs an agent (one of {sorted(AGENTS)}), --config FILE naming "
+                     "one, or --resume RUN_DIR")
+    if agent not in AGENTS:
+        parser.error(f"agent={agent!r}; accepted: {sorted(AGENTS)}")
+    if agent != args.agent_flags_of:
+        parser.error(f"the agent comes first: flatworld train AGENT [options] (found {agent!r} "
+                     "after an option, whose flags were read as another agent's)")
+    if named is not None and named != agent:
+        parser.error(f"{args.config} configures agent {named!r}, not {agent!r}")
+    try:
+        run_cfg, agent_cfg = _train_configs(args, doc, AGENTS[agent].config_cls)
+        if not args.seeding_only:
+            check_seeding(run_cfg.steps, _seed_steps(run_cfg, AGENTS[agent], agent_cfg))
+    except (ValueError, TypeError, ImportError) as err:
         parser.error(str(err))
     try:
-        run_dir = runs.train(run_cfg, args.agent, agent_cfg, agents=AGENTS,
+        run_dir = runs.train(run_cfg, agent, agent_cfg, agents=AGENTS,
                              progress=not args.no_progress)
         print(f"run: {run_dir}")
     except (ValueError, OSError, ImportError) as err:  # bad env, device, folder, missing suite
         parser.error(str(err))
+
+
+def _train_configs(args: argparse.Namespace, doc: dict[str, Any], cls: type) -> tuple[Any, Any]:
+    """The run and agent configs: the config file's values (if any), then the flags given."""
+    from flatworld import optim, runs
+    from flatworld.runs.config import from_dict
+
+    where = f"{args.config}: " if args.config else ""
+    try:
+        run_cfg = from_dict(runs.RunConfig, {**doc.get("run", {}),
+                                             **_given(args, "run_", args.run_fields)})
+        raw = doc.get("agent", {}).get("config")
+        make = getattr(cls, "from_dict", None) or (lambda d: from_dict(cls, d))
+        base = cls() if raw is None else make(raw)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}{err}") from None
+    run_cfg.validate()
+    sam_fields = _given(args, "sam_", args.sam_fields)
+    if args.rho is not None:
+        sam_fields["rho"] = args.rho
+    choice = args.wm_optim or ("sam" if base.wm_optim.sam is not None else "adam")
+    if choice == "adam" and sam_fields:
+        raise ValueError(f"SAM options {sorted(sam_fields)} given with --wm-optim adam; "
+                         "use --wm-optim sam")
+    sam = None
+    if choice == "sam":
+        sam = dataclasses.replace(base.wm_optim.sam or optim.SamSpec(), **sam_fields)
+    spec_kwargs = {"lr": args.wm_lr} if args.wm_lr is not None else {}
+    wm_optim = dataclasses.replace(base.wm_optim, sam=sam, **spec_kwargs)
+    agent_cfg = dataclasses.replace(base, wm_optim=wm_optim,
+                                    **_given(args, "agent_", args.agent_fields))
+    agent_cfg.validate()
+    return run_cfg, agent_cfg
+
+
+def _seed_steps(run_cfg: Any, entry: Any, agent_cfg: Any) -> int:
+    """The run's random-action steps: its own, else the agent's rule, which may need the
+    env's episode length (the env is built and closed for it)."""
+    if run_cfg.seed_steps is not None:
+        return run_cfg.seed_steps
+    from flatworld.envs import episode_length, make
+
+    env = make(run_cfg.env, seed=run_cfg.seed, **run_cfg.env_options)
+    try:
+        return entry.seed_steps(agent_cfg, episode_length(env))
+    finally:
+        env.close()
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -277,16 +326,24 @@ def _train_parser(sub: Any, agent: str) -> None:
 
     p = sub.add_parser(
         "train", help="train an agent online (or --resume RUN_DIR)",
-        usage="flatworld train AGENT [--env ID] [--steps N] [--seed S] [--wm-optim adam|sam] "
-              "[--rho R] [options]  |  flatworld train --resume RUN_DIR",
+        usage="flatworld train AGENT [--config FILE.yaml] [--env ID] [--steps N] [--seed S] "
+              "[--wm-optim adam|sam] [--rho R] [options]  |  flatworld train --resume RUN_DIR",
         description="flatworld train tdmpc2 --env dmc/walker-walk --steps 100000 --seed 1 "
                     "--wm-optim sam --rho 0.05. The agent flags listed are those of "
                     f"{agent}; `flatworld train AGENT --help` lists another agent's.")
-    p.add_argument("agent", nargs="?", help="agent name, e.g. tdmpc2")
+    p.add_argument("agent", nargs="?", help=f"agent name, one of {sorted(AGENTS)}")
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="start from this config (the layout of a run folder's config.yaml, "
+                        "every key optional); the flags given override it")
     p.add_argument("--resume", metavar="RUN_DIR", help="go on from the run's last checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a line every --log-every steps instead (for logs)")
+    p.add_argument("--seeding-only", action="store_true",
+                   help="allow --steps below the seeding phase (random actions only, no "
+                        "update); refused otherwise")
     g = p.add_argument_group("world-model optimizer")
-    g.add_argument("--wm-optim", choices=("adam", "sam"), default="adam")
+    g.add_argument("--wm-optim", choices=("adam", "sam"), default=None,
+                   help="default: the config file's, else adam")
     g.add_argument("--wm-lr", type=float, default=None)
     g.add_argument("--rho", type=float, default=None, help="SAM radius (same as --sam-rho)")
     sam_fields = _add_dataclass_flags(g, optim.SamSpec, "sam-", "sam_", set())
@@ -295,22 +352,46 @@ def _train_parser(sub: Any, agent: str) -> None:
     agent_fields = _add_dataclass_flags(p.add_argument_group(f"agent ({agent})"), config_cls,
                                         "", "agent_", _AGENT_SKIP, _RENAMED)
     p.set_defaults(func=None, run_fields=run_fields, sam_fields=sam_fields,
-                   agent_fields=agent_fields, train=p)
+                   agent_fields=agent_fields, train=p, agent_flags_of=agent)
 
 
 def _train_agent(argv: list[str]) -> str:
-    """The agent named after `train` (its config decides the agent flags); tdmpc2 if none."""
+    """The agent whose flags `train` parses: the first agent name after `train` (options may
+    come before it), else the one a --config file names, else tdmpc2. An agent name given as
+    the value of an option is caught after parsing (the agent found must be this one)."""
     from flatworld.agents import AGENTS
 
-    if argv[:1] == ["train"]:
-        for word in argv[1:]:
-            if not word.startswith("-"):
-                return word if word in AGENTS else "tdmpc2"
+    if argv[:1] != ["train"]:
+        return "tdmpc2"
+    for word in argv[1:]:
+        if word in AGENTS:
+            return word
+    for i, word in enumerate(argv[1:], 1):
+        path = word.partition("=")[2] if word.startswith("--config=") else (
+            argv[i + 1] if word == "--config" and i + 1 < len(argv) else None)
+        if path:
+            try:
+                from flatworld.runs.config import read_config_file
+
+                name = read_config_file(path).get("agent", {}).get("name")
+            except ValueError:
+                return "tdmpc2"  # reported with its reason once parsed
+            return name if name in AGENTS else "tdmpc2"
     return "tdmpc2"
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`flatworld envs | head`): stop quietly, as Unix tools do.
+        # stdout goes to devnull so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
+
+
+def _main(argv: list[str]) -> None:
     parser = build_parser(_train_agent(argv))
     args = parser.parse_args(argv)
     if getattr(args, "train", None) is not None:

@@ -8,7 +8,10 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
+
+import yaml
 
 T = TypeVar("T")
 
@@ -69,6 +72,11 @@ def _convert(tp: Any, value: Any) -> Any:
 
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+WANDB_PIP = "pip install 'flatworld[wandb]'"
+# Evaluation and diagnostics every this many steps unless set, rounded up to a multiple of
+# log_every so that each lands on a metrics row.
+EVERY = 10_000
 
 
 @dataclass
@@ -86,9 +94,11 @@ class RunConfig:
     seed_burst: bool | None = field(default=None, metadata={
         "help": "default: the agent's published schedule (tdmpc2: on)"})
     buffer_size: int | None = None  # replay capacity in steps; None: all steps of the run
-    eval_every: int = 10_000
+    eval_every: int | None = field(default=None, metadata={
+        "help": f"default: {EVERY}, rounded up to a multiple of --log-every"})
     eval_episodes: int = 10
-    diag_every: int = 10_000
+    diag_every: int | None = field(default=None, metadata={
+        "help": f"default: {EVERY}, rounded up to a multiple of --log-every"})
     lambda_max: bool = False  # also log lambda_max of the world-model Hessian (slow)
     checkpoint_every: int = 50_000  # rounded up to the next episode end
     time_limit_s: float | None = field(default=None, metadata={
@@ -96,9 +106,20 @@ class RunConfig:
                 "with a checkpoint; `flatworld train --resume RUN` goes on (for job time "
                 "limits on clusters). Default: none"})
     log_every: int = 1_000
-    run_dir: str = ""  # "": runs/<env>-s<seed>
+    run_dir: str = field(default="", metadata={
+        "help": "default: runs/<agent>-<optimizer>-<env>-s<seed>"})
     device: str = "cpu"
     tensorboard: bool = True
+    wandb_project: str = field(default="", metadata={
+        "help": "also log to this Weights & Biases project (needs the wandb extra; "
+                "WANDB_MODE=offline logs without an account). Default: off"})
+
+    def __post_init__(self) -> None:
+        # Only defaults are rounded: a value the user set is checked by validate().
+        log_every = self.log_every if pos_int(self.log_every) else 1
+        for name in ("eval_every", "diag_every"):
+            if getattr(self, name) is None:
+                setattr(self, name, -(-EVERY // log_every) * log_every)
 
     def validate(self) -> RunConfig:
         def need(ok: bool, name: str, accepted: str) -> None:
@@ -139,6 +160,13 @@ class RunConfig:
              "None (the agent's default), True or False")  # fmt: skip
         need(isinstance(self.tensorboard, bool), "tensorboard", "True or False")
         need(isinstance(self.run_dir, str), "run_dir", "a path string ('' for the default)")
+        need(isinstance(self.wandb_project, str), "wandb_project",
+             "a project name ('' for no Weights & Biases logging)")
+        if self.wandb_project:
+            import importlib.util
+
+            need(importlib.util.find_spec("wandb") is not None, "wandb_project",
+                 f"'' here: wandb is not installed ({WANDB_PIP})")
         need(
             isinstance(self.device, str) and bool(_DEVICE.match(self.device)),
             "device",
@@ -149,3 +177,64 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         return from_dict(cls, d)
+
+
+def default_run_dir(cfg: RunConfig, agent_name: str, agent_cfg: Any) -> Path:
+    """runs/<agent>-<optimizer>-<env>-s<seed>, so the runs of an Adam/SAM pair (or of two
+    agents) on one task and seed get folders of their own."""
+    wm_optim = getattr(agent_cfg, "wm_optim", None)
+    optimizer = "sam" if getattr(wm_optim, "sam", None) else getattr(wm_optim, "base", "adam")
+    env = _UNSAFE.sub("-", cfg.env).strip("-")
+    return Path("runs") / f"{agent_name}-{optimizer}-{env}-s{cfg.seed}"
+
+
+def check_seeding(steps: int, seed_steps: int) -> None:
+    """Refuse a run that ends before its seeding phase does: it would only take random
+    actions and never update the agent."""
+    if steps < seed_steps:
+        raise ValueError(
+            f"steps={steps} is shorter than the seeding phase (seed_steps={seed_steps} random "
+            "actions before the first update): the run would never train. Give more --steps, "
+            "fewer --seed-steps, or --seeding-only to run it anyway")
+
+
+CONFIG_KEYS = ("flatworld_version", "run", "agent")
+AGENT_KEYS = ("name", "config")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The document of a config file laid out as a run folder's config.yaml
+    (``run: {...}``, ``agent: {name, config: {...}}``), every key optional; read with
+    yaml.safe_load, so a tag that would build a Python object is refused. Errors are one line
+    naming the file and, for YAML errors, the line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"config file {path}: {err.strerror or err}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where}: not a valid config file ({problem})") from None
+    doc = {} if doc is None else doc
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a mapping with keys {', '.join(CONFIG_KEYS)}, "
+                         f"found {type(doc).__name__}")
+    _known_keys(doc, CONFIG_KEYS, str(path))
+    for key in ("run", "agent"):
+        if not isinstance(doc.get(key, {}), dict):
+            raise ValueError(f"{path}: {key!r} must be a mapping, found "
+                             f"{type(doc[key]).__name__}")
+    _known_keys(doc.get("agent", {}), AGENT_KEYS, f"{path}: agent")
+    _known_keys(doc.get("run", {}), tuple(f.name for f in dataclasses.fields(RunConfig)),
+                f"{path}: run")
+    return doc
+
+
+def _known_keys(d: dict[str, Any], accepted: tuple[str, ...], where: str) -> None:
+    for key in d:
+        if key not in accepted:
+            raise ValueError(f"{where}: unknown key {key!r}; accepted: {', '.join(accepted)}")

@@ -1,14 +1,22 @@
-"""metrics.csv (one row per log step, flushed) and optional TensorBoard events."""
+"""metrics.csv (one row per log step, flushed), and optionally TensorBoard events and a
+Weights & Biases run."""
 
 from __future__ import annotations
 
 import csv
 import io
 import math
+import secrets
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from flatworld.runs.checkpoint import atomic_write_text
+from flatworld.runs.config import WANDB_PIP
+
+# The W&B run id of a run folder: kept so that `--resume` goes on in the same W&B run.
+WANDB_ID_FILE = "wandb-id.txt"
 
 # Always present, in this order; agent update metrics follow as `train/<name>`.
 COLUMNS = (
@@ -27,7 +35,8 @@ class MetricsLog:
     """Rows keyed by step. A new column (an agent metric seen for the first time) rewrites the
     file with the wider header, atomically, so the file always has one column set."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None,
+                 wandb_project: str = ""):
         self.path = run_dir / "metrics.csv"
         self.fields = list(COLUMNS)
         rows: list[dict[str, str]] = []
@@ -49,6 +58,7 @@ class MetricsLog:
             else:
                 purge = None if resume_step is None else resume_step + 1
                 self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+        self.wandb = _wandb_run(run_dir, wandb_project) if wandb_project else None
 
     def _rewrite(self, rows: list[dict[str, Any]]) -> None:
         buf = io.StringIO()
@@ -68,14 +78,39 @@ class MetricsLog:
             self._writer = csv.DictWriter(self._file, fieldnames=self.fields)
         self._writer.writerow(row)
         self._file.flush()
+        scalars = {k: v for k, v in row.items()
+                   if k != "step" and isinstance(v, int | float) and math.isfinite(v)}
+        step = int(row["step"])
         if self.tb is not None:
-            step = int(row["step"])
-            for k, v in row.items():
-                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        if self.wandb is not None:
+            # W&B keeps a step it has seen: rows redone after a resume are dropped there.
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         self._file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _wandb_run(run_dir: Path, project: str) -> Any:
+    """A W&B run named after the run folder, with its config.yaml as the run's config; the
+    same W&B run again when the folder is resumed. WANDB_MODE=offline writes it locally."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError(f"wandb_project={project!r} needs wandb: {WANDB_PIP}") from None
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.exists() else ""
+    if not run_id:
+        run_id = secrets.token_hex(8)  # not drawn from the run's seeded generators
+        atomic_write_text(id_file, run_id + "\n")
+    config_file = run_dir / "config.yaml"
+    config = yaml.safe_load(config_file.read_text()) if config_file.exists() else None
+    return wandb.init(project=project, id=run_id, name=run_dir.name, dir=str(run_dir),
+                      config=config, resume="allow")

@@ -31,7 +31,7 @@ def default_wm_optim() -> optim.OptimSpec:
 @dataclass
 class TDMPC2Config:
     # architecture; the *_dim/num_* fields override the size table when set (tiny test models)
-    model_size: int = 5
+    model_size: int = field(default=5, metadata={"choices": tuple(MODEL_SIZES)})
     obs: str = field(default="state", metadata={"choices": OBS_TYPES})
     enc_dim: int | None = None
     mlp_dim: int | None = None
