@@ -62,7 +62,11 @@ def starts(log: Path) -> int:
 @pytest.mark.parametrize("change, words", [
     ({"colour": "blue"}, ["'colour'", "accepted", "grid"]),
     ({"grid": {"wm_optim": ["adam"], "rhoo": [0.1]}}, ["'rhoo'", "did you mean rho", "accepted"]),
-    ({"agent": "nosuchagent"}, ["'nosuchagent'", "not installed", "tdmpc2"]),
+    ({"agent": "tdmcp2"}, ["unknown agent 'tdmcp2'", "did you mean tdmpc2", "accepted"]),
+    ({"agent": "tdmpc2", "tasks": ["gym/CartPole-v1"]},
+     ["'tdmpc2' cannot run 'gym/CartPole-v1'", "discrete", "accepted", "dreamer"]),
+    ({"tasks": ["gym/CartPoll-v1"]}, ["gym/CartPoll-v1", "close matches"]),
+    ({"name": "../../evil"}, ["name='../../evil'", "accepted"]),
     ({"grid": {}}, ["grid is empty", "accepted"]),
     ({"grid": {"wm_optim": []}}, ["grid.wm_optim is empty", "accepted"]),
     ({"steps": -5}, ["steps=-5", "accepted", ">= 1"]),
@@ -74,14 +78,16 @@ def starts(log: Path) -> int:
 def test_bad_specs_fail_before_any_run_with_the_key_named(tmp_path, capsys, change, words):
     spec = write_spec(tmp_path / "bad.yaml", {**smoke_spec(), **change})
     out = tmp_path / "sweep"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["sweep", str(spec), "--out", str(out), "--no-progress"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("flatworld: error: ") and "\n" not in err and "Traceback" not in err
-    for w in words:
-        assert w in err, err
-    assert not out.exists()  # nothing was written, nothing ran
+    for dry_run in ([], ["--dry-run"]):  # the dry run checks what the run checks
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sweep", str(spec), "--out", str(out), "--no-progress", *dry_run])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("flatworld: error: ") and "\n" not in err, err
+        assert "Traceback" not in err
+        for w in words:
+            assert w in err, err
+        assert not out.exists() and not (tmp_path / "evil").exists()  # nothing was written
 
 
 def test_adam_points_drop_sam_fields_and_names_follow_the_grid():
@@ -91,12 +97,12 @@ def test_adam_points_drop_sam_fields_and_names_follow_the_grid():
                       "grid": {"wm_optim": ["adam", "sam"], "rho": [0.01, 0.05]}})
     runs = expand(spec, Path("/sweeps/x"))
     assert [r.run_id for r in runs] == ["dmc-cartpole-swingup/adam-s3",
-                                        "dmc-cartpole-swingup/sam,rho=0.01-s3",
-                                        "dmc-cartpole-swingup/sam,rho=0.05-s3"]
+                                        "dmc-cartpole-swingup/sam_rho-0.01-s3",
+                                        "dmc-cartpole-swingup/sam_rho-0.05-s3"]
     assert runs[0].agent_cfg.wm_optim.sam is None
     assert runs[2].agent_cfg.wm_optim.sam.rho == 0.05
     assert runs[2].agent_cfg.wm_optim.lr == 1e-3 and runs[2].agent_cfg.mlp_dim == 64
-    assert runs[1].run_cfg.run_dir == "/sweeps/x/dmc-cartpole-swingup/sam,rho=0.01-s3"
+    assert runs[1].run_cfg.run_dir == "/sweeps/x/dmc-cartpole-swingup/sam_rho-0.01-s3"
     # a list of blocks: Adam once, SAM over a scope axis that Adam does not have
     spec = load_spec({**smoke_spec(tasks=["dmc/cartpole-swingup"], seeds=[1]), "grid": [
         {"wm_optim": "adam"}, {"wm_optim": "sam", "sam_scope": ["all", "encoder_dynamics"]}]})
@@ -113,20 +119,20 @@ def test_adam_points_drop_sam_fields_and_names_follow_the_grid():
 def test_presets_dry_run_prints_runs_and_estimates_even_when_not_installed(capsys):
     main(["sweep", "--preset", "paper-atari100k", "--dry-run"])
     out = capsys.readouterr().out
-    assert "416 runs" in out and "atari-Pong/twister,sam,rho=0.1-s4" in out
+    assert "416 runs" in out and "atari-Pong/twister_sam_rho-0.1-s4" in out
     assert "a Ray cluster of 8 H200s" in out and "one H200" in out and "proxy" in out
     main(["sweep", "--preset", "paper-humanoidbench", "--dry-run"])
     out = capsys.readouterr().out
     assert "112 runs" in out and "NOT INSTALLED: suite 'humanoidbench'" in out
-    assert "humanoidbench-h1hand-walk-v0/sam,rho=0.05-s4" in out
+    assert "humanoidbench-h1hand-walk-v0/sam_rho-0.05-s4" in out
     main(["sweep", "--preset", "paper-dmc", "--dry-run"])
     out = capsys.readouterr().out
-    assert "140 runs" in out and "dmc-dog-run/sam,rho=0.0025-s2" in out
+    assert "140 runs" in out and "dmc-dog-run/sam_rho-0.0025-s2" in out
     assert "update 240.5 ms x SAM/Adam 1.61" in out and "measured 2026-11-28" in out
     with pytest.raises(SystemExit) as exit_info:
         main(["sweep", "--preset", "paper-humanoidbench"])
     assert exit_info.value.code == 2
-    assert "not installed: pip install" in capsys.readouterr().err
+    assert "is not installed: " in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sweep", "--preset", "paper-dmcc", "--dry-run"])
     assert "did you mean paper-dmc" in capsys.readouterr().err
@@ -150,7 +156,7 @@ def test_smoke_sweep_local_and_ray_give_the_same_runs_and_metrics(tmp_path):
         assert numbers(tmp_path / "local" / f) == numbers(tmp_path / "ray" / f), f
     # SAM and Adam runs differ (the grid reached the configs), seeds differ too
     a, s = (numbers(tmp_path / "local" / f"dmc-cartpole-swingup/{p}-s1") for p in
-            ("adam", "sam,rho=0.05"))  # fmt: skip
+            ("adam", "sam_rho-0.05"))  # fmt: skip
     assert a != s
     # the store: a row per run x evaluation, with the grid fields
     frame = load(tmp_path / "local")
@@ -232,7 +238,9 @@ def test_killed_sweep_resumes_without_running_a_finished_run_again(tmp_path):
         _wait(lambda want=want: len(_finished(out)) >= want
               and _running_with_rows(out, _finished(out)), proc)  # fmt: skip
         os.kill(proc.pid, sig)
-        proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
+        if sig == signal.SIGTERM:  # the driver's and the workers' semaphores were freed
+            assert b"leaked semaphore" not in err, err.decode()
         assert proc.returncode == (130 if sig == signal.SIGTERM else -signal.SIGKILL)
         assert _no_process_left(proc.pid), "a worker outlived the sweep"
         for run_id in _finished(out):
@@ -284,3 +292,94 @@ def test_every_preset_validates_and_has_a_smoke_variant():
         assert runs and len({r.run_id for r in runs}) == len(runs), name
         if name.endswith("-smoke"):
             assert spec.steps <= 200 and len(runs) <= 16, name
+
+
+# -- a sweep folder started again ------------------------------------------------------------------
+def test_a_rerun_with_another_spec_is_refused_unless_it_only_adds_runs(tmp_path):
+    from flatworld.experiments.sweep import prepare
+
+    one = smoke_spec(tasks=["dmc/cartpole-swingup"], seeds=[1], grid={"wm_optim": ["adam"]})
+    out = tmp_path / "s"
+    assert run_sweep(load_spec(one), out, workers=1, progress=False).ok
+    before = {p: p.read_bytes() for p in (out / "spec.yaml", out / "status.json")}
+    for change, words in (
+        ({"steps": 150}, ["changed: steps: 100 -> 150", "adam-s1 would change",
+                          "run.steps: stored 100, requested 150"]),
+        ({"overrides": {**TINY, "wm_lr": 2e-3}}, ["overrides.wm_lr: 0.001 -> 0.002"]),
+        ({"seeds": [2]}, ["seeds: [1] -> [2]", "adam-s1 would leave the spec"]),
+    ):  # fmt: skip
+        with pytest.raises(SpecError) as err:
+            run_sweep(load_spec({**one, **change}), out, workers=1, progress=False)
+        for w in words:
+            assert w in str(err.value), str(err.value)
+        assert {p: p.read_bytes() for p in before} == before  # nothing was written
+        assert not (out / "dmc-cartpole-swingup" / "adam-s2").exists()
+    # more seeds, another grid value: the existing run is unchanged, so the runs are added
+    more = {**one, "seeds": [1, 2], "grid": {"wm_optim": ["adam", "sam"]}}
+    assert len(prepare(load_spec(more), out)) == 4
+
+
+def test_a_sweep_folder_with_the_old_run_ids_goes_on_under_them(tmp_path):
+    import dataclasses
+
+    from flatworld import runs as fw_runs
+    from flatworld.agents import AGENTS
+    from flatworld.experiments import expand
+
+    spec = smoke_spec(tasks=["dmc/cartpole-swingup"], seeds=[1])
+    spec["grid"] = {"wm_optim": ["sam"], "rho": [0.05]}
+    out = tmp_path / "old"
+    out.mkdir()
+    write_spec(out / "spec.yaml", spec)
+    (run,) = expand(load_spec(spec), out)
+    legacy = "dmc-cartpole-swingup/sam,rho=0.05-s1"  # as sweeps named it before
+    assert run.run_id == "dmc-cartpole-swingup/sam_rho-0.05-s1"
+    fw_runs.train_or_resume(dataclasses.replace(run.run_cfg, run_dir=str(out / legacy)),
+                            run.agent, run.agent_cfg, agents=AGENTS, progress=False)
+    result = run_sweep(load_spec(spec), out, workers=1, progress=False)
+    assert result.ok and result.skipped == [legacy] and not result.finished
+    assert not (out / run.run_id).exists()  # not run again under the new name
+    assert set(load(out)["run"]) == {legacy}
+
+
+def test_status_marks_only_the_runs_that_started_as_running(tmp_path):
+    import threading
+
+    ray = pytest.importorskip("ray")
+    spec = load_spec(smoke_spec(tasks=["dmc/cartpole-swingup"], grid={"wm_optim": ["adam"]},
+                                seeds=[1, 2, 3]))  # fmt: skip
+
+    def watch(out: Path, stop: threading.Event, seen: list) -> None:
+        while not stop.is_set():
+            try:
+                runs = json.loads((out / "status.json").read_text())["runs"]
+            except (OSError, json.JSONDecodeError, KeyError):
+                continue
+            running = sorted(k for k, v in runs.items() if v["state"] == "running")
+            started = [k for k in running
+                       if (out / "logs" / (k.replace("/", "__") + ".log")).exists()]
+            seen.append((running, started))
+            time.sleep(0.05)
+
+    def sweep_watched(out: Path, **kw) -> list:
+        stop, seen = threading.Event(), []
+        thread = threading.Thread(target=watch, args=(out, stop, seen))
+        thread.start()
+        try:
+            assert run_sweep(spec, out, progress=False, **kw).ok
+        finally:
+            stop.set()
+            thread.join()
+        return seen
+
+    for seen in (sweep_watched(tmp_path / "local", workers=1),):
+        assert any(running for running, _ in seen)
+        # one worker runs one run at a time, and a run marked running has started
+        assert all(len(running) <= 1 and running == started for running, started in seen), seen
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        seen = sweep_watched(tmp_path / "ray", ray_address="auto")
+    finally:
+        ray.shutdown()
+    assert any(running for running, _ in seen)
+    assert all(len(running) <= 1 and running == started for running, started in seen), seen

@@ -32,6 +32,7 @@ import copy
 import dataclasses
 import difflib
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,9 @@ RESOURCE_KEYS = ("num_cpus", "num_gpus", "threads")
 SPEC_SET = {"env": "tasks", "seed": "seeds", "run_dir": "the sweep (one folder per run)",
             "steps": "the top-level 'steps'"}  # fmt: skip
 WM_OPTIMS = ("adam", "sam")
+# Sweep names and run ids: safe in shell globs and every tool, and a name never climbs out of
+# sweeps/ ('..').
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
@@ -113,9 +117,10 @@ def preset_path(name: str) -> Path:
 
 
 # -- parsing ---------------------------------------------------------------------------------
-def load_spec(source: str | Path | dict[str, Any], name: str = "") -> Spec:
-    """Parse and check a spec's shape (a YAML path, or a dict). Field values are checked
-    later, against the configs, by `expand(..., check=True)`."""
+def load_spec(source: str | Path | dict[str, Any], name: str = "", check: bool = True) -> Spec:
+    """Parse and check a spec's shape (a YAML path, or a dict), and (`check`) that its agents
+    and tasks exist and can work together (`check_names`). Field values are checked later,
+    against the configs, by `expand(..., check=True)`."""
     if isinstance(source, dict):
         raw = copy.deepcopy(source)
     else:
@@ -163,10 +168,16 @@ def load_spec(source: str | Path | dict[str, Any], name: str = "") -> Spec:
     attempts = raw.get("max_attempts", 2)
     if not _is_int(attempts) or attempts < 1:
         raise SpecError(f"max_attempts={attempts!r}; accepted: {TOP_KEYS['max_attempts']}")
-    return Spec(name=str(raw.get("name") or name or "sweep"), agents=agents, tasks=tasks,
-                seeds=seeds, steps=steps, overrides=dict(overrides), grid=grid,
-                resources=dict(resources), max_attempts=attempts,
-                description=str(raw.get("description") or ""), raw=raw)  # fmt: skip
+    spec_name = str(raw.get("name") or _slug(name) or "sweep")
+    if not SAFE_NAME.fullmatch(spec_name) or set(spec_name) == {"."}:
+        raise SpecError(f"name={spec_name!r}; accepted: letters, digits, '.', '_' and '-' "
+                        "(not '.' or '..'), e.g. cartpole-sam")  # fmt: skip
+    spec = Spec(name=spec_name, agents=agents, tasks=tasks, seeds=seeds, steps=steps,
+                overrides=dict(overrides), grid=grid, resources=dict(resources),
+                max_attempts=attempts, description=str(raw.get("description") or ""), raw=raw)
+    if check:
+        check_names(spec)
+    return spec
 
 
 def _is_int(x: Any) -> bool:
@@ -280,7 +291,28 @@ def _fmt(v: Any) -> str:
 
 
 def _slug(text: str) -> str:
+    """Only [A-Za-z0-9._-]: every other character becomes '-'."""
+    return "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "-" for c in text)
+
+
+def _legacy_slug(text: str) -> str:
+    """The run ids of sweeps written before ids were restricted to [A-Za-z0-9._-]."""
     return "".join(c if c.isalnum() or c in "=,.+-_" else "-" for c in text)
+
+
+def point_id(point: dict[str, Any]) -> str:
+    """A grid point as a folder name: values of wm_optim and agent bare, other fields as
+    key-value, joined by '_' (``sam_rho-0.05``)."""
+    parts = [_fmt(v) if k in ("wm_optim", "agent") else f"{k}-{_fmt(v)}"
+             for k, v in point.items()]
+    return _slug("_".join(parts)) or "default"
+
+
+def run_ids(task: str, point: dict[str, Any], seed: int) -> tuple[str, str]:
+    """(the run id, the id the same run had before ids were restricted)."""
+    legacy = _legacy_slug(point_label(point).replace(", ", ","))
+    return (f"{_slug(task.replace('/', '-'))}/{point_id(point)}-s{seed}",
+            f"{_legacy_slug(task.replace('/', '-'))}/{legacy}-s{seed}")
 
 
 def point_label(point: dict[str, Any]) -> str:
@@ -355,14 +387,24 @@ def expand(spec: Spec, out: Path | None = None, check: bool = True) -> list[Run]
             agent = _agent_of(spec, point)
             label = point_label(point)
             for seed in spec.seeds:
-                slug = _slug(label.replace(", ", ","))
-                run_id = f"{_slug(task.replace('/', '-'))}/{slug}-s{seed}"
+                run_id, legacy = run_ids(task, point, seed)
+                # A sweep folder written before ids were restricted keeps its run folders:
+                # the same runs, found under their old names (never run again under new ones).
+                if legacy != run_id and (out / legacy).is_dir() and not (out / run_id).exists():
+                    run_id = legacy
                 run_cfg = agent_cfg = None
                 if agent in AGENTS:
                     run_cfg, agent_cfg = build_configs(spec, agent, task, point, seed,
                                                        str((out / run_id).absolute()), check)
                 runs.append(Run(run_id, task, seed, agent, {k: v for k, v in point.items()},
                                 label, spec.steps, run_cfg, agent_cfg))
+    seen: dict[str, str] = {}
+    for r in runs:
+        if r.run_id in seen:
+            raise SpecError(f"grid points [{seen[r.run_id]}] and [{r.label}] give the same run "
+                            f"folder {r.run_id!r}; accepted: values that differ in "
+                            "[A-Za-z0-9._-]")  # fmt: skip
+        seen[r.run_id] = r.label
     return runs
 
 
@@ -426,7 +468,7 @@ def missing(spec: Spec) -> list[str]:
     why = []
     for a in spec.agents:
         if a not in AGENTS:
-            why.append(f"agent {a!r} is not installed (registered agents: {sorted(AGENTS)})")
+            why.append(f"agent {a!r} is not registered (registered agents: {sorted(AGENTS)})")
     suites = list_envs()
     for s in dict.fromkeys(t.split("/", 1)[0] for t in spec.tasks):
         if s not in suites:
@@ -434,6 +476,52 @@ def missing(spec: Spec) -> list[str]:
         elif not suites[s].available:
             why.append(f"suite {s!r} is not installed: {suites[s].requires}")
     return why
+
+
+def check_names(spec: Spec) -> None:
+    """Unknown agents, unknown task ids (of installed suites) and agent/task pairs that
+    cannot work (an agent of continuous actions on a discrete env) fail here, one line each,
+    before anything is written."""
+    from flatworld.agents import AGENTS
+
+    for a in spec.agents:
+        if a not in AGENTS:
+            close = difflib.get_close_matches(a, list(AGENTS), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise SpecError(f"agent: unknown agent {a!r}{hint}; accepted: "
+                            f"{', '.join(sorted(AGENTS))}")  # fmt: skip
+    check_tasks(spec)
+    for task in spec.tasks:
+        kind = action_kind(task)
+        for a in spec.agents:
+            if kind is not None and kind not in AGENTS[a].action_kinds:
+                able = sorted(n for n, e in AGENTS.items() if kind in e.action_kinds)
+                raise SpecError(f"agent {a!r} cannot run {task!r}: it has {kind} actions and "
+                                f"{a} supports {' and '.join(AGENTS[a].action_kinds)} actions "
+                                f"only; accepted for {task}: {', '.join(able)}")  # fmt: skip
+
+
+def action_kind(task: str) -> str | None:
+    """'continuous' or 'discrete' for a task id, without building its env where the suite
+    says (dmc and humanoidbench: continuous; atari: discrete); gym tasks are looked up in
+    gymnasium's registry. None when it cannot be known here."""
+    suite, name = task.split("/", 1)
+    if suite in ("dmc", "humanoidbench"):
+        return "continuous"
+    if suite == "atari":
+        return "discrete"
+    if suite == "gym":
+        import gymnasium as gym
+
+        if name not in gym.envs.registry:
+            return None
+        env = gym.make(name)
+        try:
+            return "discrete" if isinstance(env.action_space, gym.spaces.Discrete) \
+                else "continuous"
+        finally:
+            env.close()
+    return None
 
 
 def check_tasks(spec: Spec) -> None:

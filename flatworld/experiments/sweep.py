@@ -32,7 +32,15 @@ from typing import Any
 
 import yaml
 
-from flatworld.experiments.spec import Run, Spec, SpecError, check_tasks, expand, missing
+from flatworld.experiments.spec import (
+    Run,
+    Spec,
+    SpecError,
+    check_names,
+    expand,
+    load_spec,
+    missing,
+)
 
 OPTIMIZERS = ("adam", "sam")
 FINISHED, INTERRUPTED, NEW = "finished", "interrupted", "new"
@@ -99,6 +107,12 @@ class Job:
     resources: dict[str, Any] = field(default_factory=dict)
 
 
+def started_marker(job: Job) -> Path:
+    """A file that exists while a worker runs the job: status.json's "running" comes from it,
+    not from the pool's or Ray's queue (which holds jobs that have not started)."""
+    return Path(job.lock).with_suffix(".running")
+
+
 def _die_with_parent() -> None:
     """Local pool workers: the kernel kills them when the sweep process dies (even by
     SIGKILL), so an orphan never goes on writing a run folder."""
@@ -116,6 +130,13 @@ def _pool_init(parent: int) -> None:
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides; workers just die
+    # tqdm's default lock is a multiprocessing semaphore: a worker killed when the sweep is
+    # stopped could not release it, and the resource tracker would report it leaked.
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 def execute(job: Job) -> dict[str, Any]:
@@ -137,6 +158,8 @@ def execute(job: Job) -> dict[str, Any]:
         lock.close()
         return {"ok": False, "permanent": False, "seconds": 0.0,
                 "error": f"{job.run_id} is being run by another process (locked)"}  # fmt: skip
+    marker = started_marker(job)
+    marker.write_text(f"pid {os.getpid()} host {os.uname().nodename}\n")
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -168,6 +191,7 @@ def execute(job: Job) -> dict[str, Any]:
         os.close(saved[0])
         os.close(saved[1])
         log.close()
+        marker.unlink(missing_ok=True)
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
 
@@ -224,12 +248,13 @@ def default_workers(threads: int | None) -> int:
 def prepare(spec: Spec, out: str | Path, check_device: bool = True) -> list[Run]:
     """Everything that can fail before a run starts: agents and suites installed, task ids,
     every run's config, the device."""
+    check_names(spec)
     why = missing(spec)
     if why:
         raise SpecError(f"sweep {spec.name!r} cannot run here: " + "; ".join(why) +
                         " (--dry-run still prints it)")
-    check_tasks(spec)
     runs = expand(spec, Path(out), check=True)
+    check_same_runs(spec, runs, Path(out))
     if check_device:
         from flatworld.runs import check_device as check
 
@@ -240,6 +265,56 @@ def prepare(spec: Spec, out: str | Path, check_device: bool = True) -> list[Run]
                 raise SpecError(f"overrides.device: {err} (with --ray the cluster's "
                                 "machines are not checked here)") from None  # fmt: skip
     return runs
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    from flatworld.runs import flat_config
+
+    return flat_config(d, prefix)
+
+
+def check_same_runs(spec: Spec, runs: list[Run], out: Path) -> None:
+    """A sweep folder started again with another spec: refused, naming each changed field,
+    when a run that exists there would change or leave the spec; a spec that only adds runs
+    (seeds, tasks, grid values) is accepted."""
+    from flatworld.agents import AGENTS
+    from flatworld.runs import config_differences
+    from flatworld.runs.folder import resolve_episodic
+
+    old_path = out / "spec.yaml"
+    if not old_path.exists():
+        return
+    try:
+        old_raw = yaml.safe_load(old_path.read_text())
+        old_runs = expand(load_spec(old_raw, name=out.name, check=False), out, check=False)
+    except (yaml.YAMLError, SpecError, ValueError, TypeError) as err:
+        raise SpecError(f"{old_path} cannot be read ({err}); start the sweep in another "
+                        "folder (--out)") from None
+    old, new = _flat(old_raw), _flat(spec.raw)
+    changed = [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+               for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
+    if not changed:
+        return
+    wanted = {r.run_id: r for r in runs}
+    problems = []
+    for r in old_runs:
+        if not (out / r.run_id / "config.yaml").exists():
+            continue
+        if r.run_id not in wanted:
+            problems.append(f"{r.run_id} would leave the spec")
+            continue
+        w = wanted[r.run_id]
+        # as train_or_resume compares them: with the suite's `episodic` filled in
+        agent_cfg = resolve_episodic(w.run_cfg.env, w.agent_cfg)
+        diff = config_differences(out / r.run_id, w.run_cfg, w.agent, agent_cfg, AGENTS)
+        if diff:
+            problems.append(f"{r.run_id} would change ({'; '.join(diff)})")
+    if problems:
+        raise SpecError(f"{out} holds runs of another spec; changed: {', '.join(changed)}. "
+                        f"{len(problems)} existing run(s) would not match: {problems[0]}"
+                        + (f" and {len(problems) - 1} more" if len(problems) > 1 else "")
+                        + "; accepted: the spec in spec.yaml, or one that only adds runs "
+                        "(seeds, tasks, grid values); or use another --out")  # fmt: skip
 
 
 def run_sweep(spec: Spec, out: str | Path, workers: int | None = None,
@@ -331,6 +406,7 @@ def execute_jobs(jobs: list[Job], out: Path, max_attempts: int = 2, workers: int
             if retry_failed and st.get("state") == "failed":
                 status.set(job.run_id, attempts=0)
             status.set(job.run_id, state="pending")
+            started_marker(job).unlink(missing_ok=True)  # left by a worker that was killed
             todo.append(job)
     status.save()
 
@@ -352,6 +428,7 @@ def execute_jobs(jobs: list[Job], out: Path, max_attempts: int = 2, workers: int
         """Record a result; True when the job should be tried again."""
         nonlocal done_steps
         st = status.get(job.run_id)
+        started_marker(job).unlink(missing_ok=True)  # a killed worker does not remove it
         if result.get("ok"):
             status.set(job.run_id, state=FINISHED, error="")
             finished.append(job.run_id)
@@ -383,6 +460,7 @@ def execute_jobs(jobs: list[Job], out: Path, max_attempts: int = 2, workers: int
         for job in todo:
             if status.get(job.run_id).get("state") == "running":
                 status.set(job.run_id, state="interrupted")
+            started_marker(job).unlink(missing_ok=True)
         status.save()
         print(f"\nsweep stopped ({why or 'interrupt'}): started again, it resumes",
               file=sys.stderr)
@@ -427,18 +505,28 @@ def _run_local(todo: list[Job], workers: int, status: Status, finish: Any, show:
                         result = {"ok": False, "error": f"{type(err).__name__}: {err}"}
                     if finish(job, result):
                         retry.append(job)
-                # the call queue holds one more than there are workers: cap at the workers
-                running = [futures[f] for f in pending if f.running()][:workers]
-                for job in running:
-                    if status.get(job.run_id).get("state") != "running":
-                        status.set(job.run_id, state="running")
-                        status.save()
-                show(running)
+                show(mark_running(status, [futures[f] for f in pending]))
         except BaseException:
             _kill_pool(pool)
             raise
         pool.shutdown(wait=True)
         queue = retry
+
+
+def mark_running(status: Status, jobs: list[Job]) -> list[Job]:
+    """Jobs not done yet: "running" in status.json when a worker has started them, "pending"
+    otherwise; returns the running ones."""
+    running, changed = [], False
+    for job in jobs:
+        state = "running" if started_marker(job).exists() else "pending"
+        if state == "running":
+            running.append(job)
+        if status.get(job.run_id).get("state") != state:
+            status.set(job.run_id, state=state)
+            changed = True
+    if changed:
+        status.save()
+    return running
 
 
 def _kill_pool(pool: ProcessPoolExecutor) -> None:
@@ -462,7 +550,6 @@ def _run_ray(todo: list[Job], address: str, status: Status, finish: Any, show: A
         opts = {"num_cpus": job.resources.get("num_cpus", 1),
                 "num_gpus": job.resources.get("num_gpus", 0), "max_retries": 0}
         refs[task.options(**opts).remote(job)] = job
-        status.set(job.run_id, state="running")
 
     try:
         for job in todo:
@@ -479,7 +566,7 @@ def _run_ray(todo: list[Job], address: str, status: Status, finish: Any, show: A
                 if finish(job, result):
                     submit(job)
                     status.save()
-            show(refs.values())
+            show(mark_running(status, list(refs.values())))
     except BaseException:
         for ref in refs:
             ray.cancel(ref, force=True)
