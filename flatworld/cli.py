@@ -190,8 +190,13 @@ def _eval(args: argparse.Namespace) -> None:
     from flatworld import runs
     from flatworld.agents import AGENTS
 
-    print(json.dumps(runs.evaluate(args.run_dir, agents=AGENTS, episodes=args.episodes),
-                     indent=1))
+    try:
+        result = runs.evaluate(args.run_dir, agents=AGENTS, episodes=args.episodes,
+                               seed=args.seed, device=args.device, policy=args.policy,
+                               video=args.video, progress=not args.no_progress)
+    except (OSError, ImportError) as err:  # a missing folder or extra: one line
+        raise ValueError(str(err)) from None
+    print(json.dumps(result, indent=1))
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -276,9 +281,22 @@ def build_parser(agent: str = "tdmpc2") -> argparse.ArgumentParser:
                         "humanoidbench-main)")
     p.set_defaults(func=_envs)
 
-    p = sub.add_parser("eval", help="evaluate the last checkpoint of a run folder")
+    p = sub.add_parser("eval", help="evaluate the last checkpoint of a run folder",
+                       description="Evaluate a run's last good checkpoint on fresh seeded "
+                                   "episodes; prints the result as JSON.")
     p.add_argument("run_dir")
-    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--episodes", type=int, default=None,
+                   help="default: the suite's protocol (atari: 100, others: 10)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the episodes' seeds derive from it (default: the run's seed)")
+    p.add_argument("--device", default=None, metavar="{cpu,cuda,cuda:N,mps}",
+                   help="default: the run's device")
+    p.add_argument("--policy", choices=("mode", "sample"), default=None,
+                   help="the actor's mode or a sample (dreamer, twister; default: the run's "
+                        "eval_policy)")
+    p.add_argument("--video", metavar="PATH.mp4", default=None,
+                   help="write the first episode as MP4 (needs the video extra)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser(

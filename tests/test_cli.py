@@ -154,3 +154,8 @@ def test_help_shows_the_accepted_values_of_choice_flags(capsys):
         cli.main(["train", "tdmpc2", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--model-size {1,5,19,48,317}" in out
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--policy {mode,sample}" in out and "--device {cpu,cuda,cuda:N,mps}" in out
+    assert "--video PATH.mp4" in out and "--seed SEED" in out

@@ -28,7 +28,7 @@ from flatworld.envs.gym_suite import MissingDependencyError  # noqa: E402
 
 __all__ = [
     "ENV_SETS", "MissingDependencyError", "Suite", "action_kind", "close_all", "episode_length",
-    "list_envs", "make", "terminates",
+    "eval_episodes", "list_envs", "make", "terminates",
 ]  # fmt: skip
 
 SUITES = ("dmc", "gym", "humanoidbench", "atari")
@@ -52,6 +52,8 @@ class Suite:
     # Whether its tasks can end in a true terminal state (not a time limit). Agents that
     # bootstrap their value targets must stop at such states: see `terminates`.
     terminates: bool
+    # Episodes a score is the mean of, by the suite's published protocol: see `eval_episodes`.
+    eval_episodes: int = 10
 
 
 def _installed(module: str) -> bool:
@@ -80,8 +82,9 @@ def list_envs() -> dict[str, Suite]:
         ),
         # Atari games end at game over (a life loss is not a terminal). Without ale-py the
         # list is the 26 Atari-100k games.
+        # Atari-100k is scored as the mean return of 100 episodes at the end of training.
         "atari": Suite("atari", tuple(f"atari/{g}" for g in atari.game_ids()),
-                       _installed("ale_py"), atari.ALE_PIP, terminates=True),
+                       _installed("ale_py"), atari.ALE_PIP, terminates=True, eval_episodes=100),
     }  # fmt: skip
 
 
@@ -98,6 +101,16 @@ def terminates(env_id: str) -> bool:
     if suite == "gym" and name.rpartition("-v")[0] in gym_suite.NEVER_TERMINATE:
         return False
     return suites[suite].terminates
+
+
+def eval_episodes(env_id: str) -> int:
+    """Episodes of a run's final evaluation (and of `flatworld eval`) by the suite's published
+    protocol: 100 on Atari-100k, 10 elsewhere."""
+    suite = str(env_id).partition("/")[0]
+    suites = list_envs()
+    if suite not in suites:
+        raise _unknown(str(env_id))
+    return suites[suite].eval_episodes
 
 
 def action_kind(env: gym.Env) -> str:

@@ -96,7 +96,14 @@ class RunConfig:
     buffer_size: int | None = None  # replay capacity in steps; None: all steps of the run
     eval_every: int | None = field(default=None, metadata={
         "help": f"default: {EVERY}, rounded up to a multiple of --log-every"})
-    eval_episodes: int = 10
+    eval_episodes: int = 10  # 0: no evaluation
+    final_eval_episodes: int | None = field(default=None, metadata={
+        "help": "episodes of the evaluation at the last step, the run's score. Default: the "
+                "suite's published protocol (atari: 100, others: 10)"})
+    video_every: int = field(default=0, metadata={
+        "help": "write the first evaluation episode as run_dir/videos/step-N.mp4 every this "
+                "many steps, a multiple of --eval-every (needs the video extra). Default: 0, "
+                "no video"})
     diag_every: int | None = field(default=None, metadata={
         "help": f"default: {EVERY}, rounded up to a multiple of --log-every"})
     lambda_max: bool = False  # also log lambda_max of the world-model Hessian (slow)
@@ -141,6 +148,19 @@ class RunConfig:
         for name in ("steps", "eval_every", "diag_every", "checkpoint_every", "log_every"):
             pos_int(name)
         pos_int("eval_episodes", 0)
+        if self.final_eval_episodes is not None:
+            pos_int("final_eval_episodes")
+        pos_int("video_every", 0)
+        need(self.video_every % self.eval_every == 0, "video_every",
+             f"0 or a multiple of eval_every={self.eval_every} (videos are of evaluation "
+             "episodes)")
+        if self.video_every:
+            import importlib.util
+
+            from flatworld.envs.video import VIDEO_PIP
+
+            need(all(importlib.util.find_spec(m) for m in ("imageio", "imageio_ffmpeg")),
+                 "video_every", f"0 here: writing video needs imageio-ffmpeg ({VIDEO_PIP})")
         if self.seed_steps is not None:
             pos_int("seed_steps", 0)
         if self.buffer_size is not None:
@@ -167,16 +187,18 @@ class RunConfig:
 
             need(importlib.util.find_spec("wandb") is not None, "wandb_project",
                  f"'' here: wandb is not installed ({WANDB_PIP})")
-        need(
-            isinstance(self.device, str) and bool(_DEVICE.match(self.device)),
-            "device",
-            "'cpu', 'cuda', 'cuda:<n>' or 'mps'",
-        )
+        check_device_name(self.device, "RunConfig.device")
         return self
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         return from_dict(cls, d)
+
+
+def check_device_name(device: Any, name: str = "device") -> None:
+    """A device string torch would take: 'cpu', 'cuda', 'cuda:<n>' or 'mps'."""
+    if not (isinstance(device, str) and _DEVICE.match(device)):
+        raise ValueError(f"{name}={device!r}: expected 'cpu', 'cuda', 'cuda:<n>' or 'mps'")
 
 
 def default_run_dir(cfg: RunConfig, agent_name: str, agent_cfg: Any) -> Path:

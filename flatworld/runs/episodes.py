@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,26 +35,43 @@ def _discounted(rewards: list[float], discount: float) -> float:
 
 
 def run_episodes(
-    env: Any, agent: Agent, seeds: list[int], value: bool = True
+    env: Any, agent: Agent, seeds: list[int], value: bool = True, progress: bool = False,
+    video: str | Path | None = None,
 ) -> dict[str, float | list[float]]:
     """Evaluation episodes (eval_mode=True), one per seed. The value-prediction error compares
-    agent.value(first obs) with the discounted return realised from it (agent.discount)."""
+    agent.value(first obs) with the discounted return realised from it (agent.discount).
+
+    `progress`: a bar over the episodes. `video`: an MP4 path for the first episode, one frame
+    of `env.render()` after the reset and after every step (length + 1 frames).
+    """
+    from tqdm import tqdm
+
     returns, lengths, disc, preds = [], [], [], []
-    for seed in seeds:
+    bar = tqdm(seeds, desc="evaluating", unit="episode", disable=not progress, leave=False,
+               dynamic_ncols=True)  # fmt: skip
+    for i, seed in enumerate(bar):
         obs, _ = env.reset(seed=seed)
         obs = np.asarray(obs, np.float32)
         if value:
             preds.append(float(agent.value(obs)))
+        recorder = _recorder(env, video) if video is not None and i == 0 else None
         rewards, done, t = [], False, 0
-        while not done:
-            action = agent.act(obs, t0=t == 0, eval_mode=True)
-            obs, r, term, trunc, _ = env.step(env_action(env, action))
-            obs = np.asarray(obs, np.float32)
-            rewards.append(float(r))
-            done, t = term or trunc, t + 1
+        with recorder or nullcontext():
+            if recorder is not None:
+                recorder.add(env.render())
+            while not done:
+                action = agent.act(obs, t0=t == 0, eval_mode=True)
+                obs, r, term, trunc, _ = env.step(env_action(env, action))
+                obs = np.asarray(obs, np.float32)
+                rewards.append(float(r))
+                done, t = term or trunc, t + 1
+                if recorder is not None:
+                    recorder.add(env.render())
         returns.append(sum(rewards))
         lengths.append(t)
         disc.append(_discounted(rewards, float(agent.discount)))
+        bar.set_postfix(ret=f"{returns[-1]:.1f}", refresh=False)
+    bar.close()
     out: dict[str, float | list[float]] = {
         "eval_return": float(np.mean(returns)),
         "eval_return_std": float(np.std(returns)),
@@ -64,3 +83,11 @@ def run_episodes(
         out["value_pred"] = float(np.mean(preds))
         out["value_error"] = float(np.mean(np.abs(np.array(preds) - np.array(disc))))
     return out
+
+
+def _recorder(env: Any, path: str | Path) -> Any:
+    """A VideoRecorder at the env's frame rate (its `render_fps`, else 30)."""
+    from flatworld.envs.video import VideoRecorder
+
+    fps = getattr(env, "metadata", {}).get("render_fps")
+    return VideoRecorder(path, fps=int(fps) if fps else 30)

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from flatworld.runs.checkpoint import atomic_write_text, list_checkpoints
-from flatworld.runs.config import RunConfig, from_dict
+from flatworld.runs.config import RunConfig, default_run_dir, from_dict
 from flatworld.runs.protocol import AgentEntry, Agents
 
 
@@ -83,11 +83,9 @@ def checked_configs(run_cfg: RunConfig, agent_name: str, agent_cfg: Any,
 
 
 # -- where a run lives ------------------------------------------------------------------------
-def run_dir_of(cfg: RunConfig) -> Path:
-    """`cfg.run_dir`, or `runs/<env>-s<seed>` when it is not set."""
-    if cfg.run_dir:
-        return Path(cfg.run_dir)
-    return Path("runs") / f"{cfg.env.replace('/', '-')}-s{cfg.seed}"
+def run_dir_of(cfg: RunConfig, agent_name: str, agent_cfg: Any) -> Path:
+    """`cfg.run_dir`, or `runs/<agent>-<optimizer>-<env>-s<seed>` when it is not set."""
+    return Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, agent_name, agent_cfg)
 
 
 def holds_run(run_dir: Path) -> bool:

@@ -36,7 +36,8 @@ class MetricsLog:
     file with the wider header, atomically, so the file always has one column set."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None,
-                 wandb_project: str = ""):
+                 wandb_project: str = "", echo: bool = False):
+        self.echo = echo  # a line per row on stdout, for log files (runs without a bar)
         self.path = run_dir / "metrics.csv"
         self.fields = list(COLUMNS)
         rows: list[dict[str, str]] = []
@@ -88,6 +89,8 @@ class MetricsLog:
         if self.wandb is not None:
             # W&B keeps a step it has seen: rows redone after a resume are dropped there.
             self.wandb.log(scalars, step=step)
+        if self.echo:
+            print(summary(row), flush=True)
 
     def close(self) -> None:
         self._file.close()
@@ -96,6 +99,17 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def summary(row: dict[str, Any]) -> str:
+    """One line of a metrics row: step, episodes, the last returns, updates and speed."""
+    parts = [f"step {row['step']}", f"episode {row.get('episode', 0)}"]
+    for key, name in (("episode_return", "return"), ("eval_return", "eval return")):
+        value = row.get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            parts.append(f"{name} {value:.1f}")
+    parts += [f"updates {row.get('updates', 0)}", f"{row.get('sps', 0)} steps/s"]
+    return ", ".join(parts)
 
 
 def _wandb_run(run_dir: Path, project: str) -> Any:

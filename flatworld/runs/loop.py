@@ -344,11 +344,20 @@ class Loop:
                       disable=not progress, leave=False, dynamic_ncols=True):  # fmt: skip
             self._update()
 
-    def _evaluate(self) -> dict[str, Any]:
-        seeds = [
-            derive_seed(self.cfg.seed, EVAL, self.step, i) for i in range(self.cfg.eval_episodes)
-        ]
-        out = run_episodes(self.eval_env, self.agent, seeds)
+    def _evaluate(self, progress: bool) -> dict[str, Any]:
+        """Periodic evaluation episodes; at the last step, the run's score: as many episodes
+        as the suite's protocol asks (final_eval_episodes when set)."""
+        from flatworld.envs import eval_episodes
+
+        cfg = self.cfg
+        n = cfg.eval_episodes
+        if self.step == cfg.steps:
+            n = cfg.final_eval_episodes or eval_episodes(cfg.env)
+        video = None
+        if cfg.video_every and self.step % cfg.video_every == 0:
+            video = self.run_dir / "videos" / f"step-{self.step}.mp4"
+        seeds = [derive_seed(cfg.seed, EVAL, self.step, i) for i in range(n)]
+        out = run_episodes(self.eval_env, self.agent, seeds, progress=progress, video=video)
         out.pop("returns")
         return out
 
@@ -376,7 +385,8 @@ class Loop:
         from tqdm import tqdm
 
         cfg = self.cfg
-        log = MetricsLog(self.run_dir, cfg.tensorboard, self.step if resumed else None)
+        log = MetricsLog(self.run_dir, cfg.tensorboard, self.step if resumed else None,
+                         wandb_project=cfg.wandb_project, echo=not progress)
         bar = tqdm(
             total=cfg.steps,
             initial=self.step,
@@ -418,8 +428,9 @@ class Loop:
                     self.episode += 1
                     self.last_return, self.last_length = float(ep_return), t
                 extra: dict[str, Any] = {}
-                if cfg.eval_episodes and self.step % cfg.eval_every == 0:
-                    extra.update(self._evaluate())
+                if cfg.eval_episodes and (self.step % cfg.eval_every == 0
+                                          or self.step == cfg.steps):
+                    extra.update(self._evaluate(progress))
                 if self.step % cfg.diag_every == 0 and self.diag_batch is not None:
                     extra.update(self._diagnostics())
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -470,7 +481,7 @@ def train(
     without a final checkpoint, as a crash would (for testing resume).
     """
     agent_cfg = checked_configs(run_cfg, agent_name, agent_cfg, agents)
-    run_dir = run_dir_of(run_cfg)
+    run_dir = run_dir_of(run_cfg, agent_name, agent_cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run_dir={str(run_dir)!r} is a file; a run needs a folder")
     if holds_run(run_dir):
@@ -529,7 +540,7 @@ def train_or_resume(run_cfg: RunConfig, agent_name: str, agent_cfg: Any, *, agen
     the requested one (a finished run returns at once). A different config is refused with
     the fields that differ: a run never silently continues under another env or budget."""
     agent_cfg = checked_configs(run_cfg, agent_name, agent_cfg, agents)
-    run_dir = run_dir_of(run_cfg)
+    run_dir = run_dir_of(run_cfg, agent_name, agent_cfg)
     if not (run_dir / "config.yaml").exists():
         return train(run_cfg, agent_name, agent_cfg, agents=agents, progress=progress,
                      stop_after=stop_after)
