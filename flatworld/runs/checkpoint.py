@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import pickle
 import random
 import re
 import warnings
@@ -28,6 +30,11 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        # torch.save reports a full disk as a RuntimeError of its zip writer ("unexpected pos")
+        if getattr(err, "errno", None) == errno.ENOSPC or _disk_full(path.parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     # The rename itself is durable only once the folder entry is on disk.
@@ -36,6 +43,13 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        return os.statvfs(folder).f_bavail == 0
+    except OSError:
+        return False
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -67,6 +81,18 @@ def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], keep: 
     return path
 
 
+def unloadable(err: BaseException) -> str:
+    """Why a file did not load, in a few words: never torch's advice to load it with
+    weights_only=False, which would run whatever code it holds."""
+    if isinstance(err, pickle.UnpicklingError):
+        return ("it holds pickled Python objects, which flatworld never loads "
+                "(only tensors and plain data)")  # fmt: skip
+    text = str(err)
+    if isinstance(err, EOFError) or "central directory" in text or "zip archive" in text:
+        return "it is truncated or not a torch file"
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def load_checkpoint(
     folder: str | Path,
     map_location: str = "cpu",
@@ -90,20 +116,17 @@ def load_checkpoint(
             if validate is not None:
                 validate(state)
         except Exception as e:  # noqa: BLE001  (any failure means: this file is unusable)
-            errors.append(f"{path.name}: {type(e).__name__}: {e}")
+            why = unloadable(e)
+            errors.append(f"{path.name}: {why}")
             refused.append(path)
-            warnings.warn(
-                f"refusing checkpoint {path}: it does not load ({type(e).__name__}: {e}); "
-                "it is probably truncated, corrupted or from another version. Trying the "
-                "previous checkpoint.",
-                RuntimeWarning, stacklevel=2,
-            )  # fmt: skip
+            warnings.warn(f"refusing checkpoint {path}: {why}; trying the previous one",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
             continue
         if set_aside:
             for bad in refused:
                 bad.rename(bad.with_name(bad.name + ".refused"))
         return state, path
-    raise ValueError(f"no checkpoint in {folder} loads:\n  " + "\n  ".join(errors))
+    raise ValueError(f"no checkpoint in {folder} loads: " + "; ".join(errors))
 
 
 def rng_state() -> dict[str, Any]:

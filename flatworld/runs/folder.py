@@ -4,6 +4,9 @@ every config passes before anything is written."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +14,16 @@ import torch
 import yaml
 
 from flatworld.runs.checkpoint import atomic_write_text, list_checkpoints
-from flatworld.runs.config import RunConfig, default_run_dir, from_dict
+from flatworld.runs.config import RunConfig, default_run_dir, from_dict, read_config_file
 from flatworld.runs.protocol import AgentEntry, Agents
 
 
 class ConfigMismatchError(ValueError):
     """A run folder holds a run whose stored config differs from the requested one."""
+
+
+class LockedError(BlockingIOError):
+    """Another process holds the lock: it is running the same run."""
 
 
 def agent_entry(agents: Agents, name: str) -> AgentEntry:
@@ -92,6 +99,30 @@ def holds_run(run_dir: Path) -> bool:
     return (run_dir / "config.yaml").exists() or bool(list_checkpoints(run_dir / "checkpoints"))
 
 
+@contextmanager
+def exclusive(lock_file: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` (made if missing) for the block, or raise
+    LockedError naming `what` when another process holds it. The operating system lets the
+    lock go when its holder dies, so a killed run never leaves its folder locked."""
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"{what} is being run by another process (it holds "
+                              f"{lock_file}); wait for it to stop") from None  # fmt: skip
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def locked_run(run_dir: Path) -> Any:
+    """The lock of a run folder, held while a process trains it."""
+    return exclusive(run_dir / ".lock", str(run_dir))
+
+
 # -- config.yaml ------------------------------------------------------------------------------
 def _plain(x: Any) -> Any:
     """asdict output with tuples as lists, so yaml.safe_dump can write it."""
@@ -124,7 +155,11 @@ def read_config(run_dir: str | Path, agents: Agents) -> tuple[RunConfig, str, An
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a flatworld run folder?")
-    doc = yaml.safe_load(path.read_text())
+    doc = read_config_file(path)  # one line naming the file (and the line) when damaged
+    agent = doc.get("agent", {})
+    if "run" not in doc or "name" not in agent or "config" not in agent:
+        raise ValueError(f"{path}: a run folder's config needs run, agent.name and "
+                         "agent.config; it is damaged or not a flatworld config")
     run_cfg = RunConfig.from_dict(doc["run"])
     name = doc["agent"]["name"]
     cls = agent_entry(agents, name).config_cls

@@ -8,8 +8,11 @@ to one that never stopped.
 
 from __future__ import annotations
 
+import errno
 import random
 import re
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +28,7 @@ from flatworld.runs.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    unloadable,
 )
 from flatworld.runs.config import RunConfig
 from flatworld.runs.episodes import (
@@ -43,6 +47,7 @@ from flatworld.runs.folder import (
     checked_configs,
     config_differences,
     holds_run,
+    locked_run,
     read_config,
     run_dir_of,
     write_config,
@@ -50,7 +55,7 @@ from flatworld.runs.folder import (
 from flatworld.runs.logger import MetricsLog
 from flatworld.runs.memory import keep_freed_memory
 from flatworld.runs.protocol import Agent, AgentEntry, Agents
-from flatworld.runs.replay import ReplayBuffer
+from flatworld.runs.replay import ROW_FIELDS, ReplayBuffer
 
 _ROWS = re.compile(r"^rows_(\d+)_(\d+)\.pt$")
 
@@ -67,6 +72,30 @@ def _check_keys(expected: Any, got: Any, where: str) -> None:
             raise ValueError(f"{where}: missing {key!r}")
         if key != "state":  # an optimizer's per-parameter state: absent until its first step
             _check_keys(value, got[key], f"{where}.{key}")
+
+
+class _Interrupt:
+    """Ctrl-C while a run trains: the first press asks it to stop at the end of the episode,
+    with a checkpoint (checkpoints fall on episode ends, so a resumed run stays bit-identical
+    to one never stopped); a second press stops it at once. Outside the main thread (where
+    Python delivers signals) Ctrl-C keeps its usual meaning."""
+
+    def __init__(self, bar: Any):
+        self.pressed, self.bar, self.previous = False, bar, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_press)
+
+    def _on_press(self, signum: int, frame: Any) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        self.bar.write("Ctrl-C: stopping at the end of this episode, with a checkpoint "
+                       "(Ctrl-C again stops at once, without one)")  # fmt: skip
+
+    def release(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 class Loop:
@@ -156,6 +185,8 @@ class Loop:
         self.count = 0
         self.next_checkpoint = cfg.checkpoint_every
         self.saved_rows = 0  # replay rows already in checkpoint files
+        self.last_checkpoint: int | None = None  # the step of the newest checkpoint written
+        self.damaged_rows: list[Path] = []  # replay rows files found not to load
         self.replay_needs: dict[int, int] = {}  # checkpoint step -> first replay row it needs
 
     def _total_updates(self) -> int:
@@ -210,18 +241,46 @@ class Loop:
 
     def check_state(self, state: dict[str, Any]) -> None:
         """Raise ValueError if a loaded checkpoint lacks part of this loop's state, or if
-        replay rows it needs are not on disk."""
+        replay rows it needs are not on disk or do not load (a damaged rows file is noted in
+        `damaged_rows`, to be set aside once a checkpoint that does not need it loads)."""
         _check_keys(self.state_dict(), state, "checkpoint")
         meta = state["replay"]
-        self._replay_chunks(meta["total"] - meta["size"], meta["total"])
+        for a, b, path in self._replay_chunks(meta["total"] - meta["size"], meta["total"]):
+            if path in self.damaged_rows:
+                raise ValueError(f"its replay rows {path} do not load")
+            try:
+                self._read_rows(path, b - a)
+            except Exception as err:  # noqa: BLE001  (any failure means: the file is unusable)
+                self.damaged_rows.append(path)
+                why = unloadable(err)
+                raise ValueError(f"its replay rows {path} do not load ({why})") from None
+
+    def _read_rows(self, path: Path, n: int) -> dict[str, torch.Tensor]:
+        rows = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(rows, dict) or sorted(rows) != sorted(ROW_FIELDS):
+            raise ValueError(f"expected the fields {', '.join(ROW_FIELDS)}")
+        if any(len(v) != n for v in rows.values()):
+            raise ValueError(f"expected {n} rows in every field")
+        return rows
 
     def check_agent_state(self, state: dict[str, Any]) -> None:
         _check_keys({"step": 0, "agent": self.agent.state_dict()}, state, "checkpoint")
 
     def checkpoint(self) -> None:
         folder = self.run_dir / "checkpoints"
-        self._save_replay_rows(folder / "replay")
-        save_checkpoint(folder, self.step, self.state_dict(), keep=2)
+        try:
+            self._save_replay_rows(folder / "replay")
+            save_checkpoint(folder, self.step, self.state_dict(), keep=2)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            # Files are written atomically, so what was there before is whole.
+            previous = list_checkpoints(folder)
+            intact = (f"the previous checkpoint (step {previous[-1][0]}) is intact"
+                      if previous else "there is no earlier checkpoint")  # fmt: skip
+            raise OSError(errno.ENOSPC, f"no space left on device while writing "
+                          f"{err.filename or folder}; {intact}") from None  # fmt: skip
+        self.last_checkpoint = self.step
         self.replay_needs[self.step] = self.buffer.total - self.buffer.size
         self._prune_replay(folder)
 
@@ -263,7 +322,7 @@ class Loop:
             if a >= total:  # written after this checkpoint (by a refused one, or a crash)
                 path.unlink()
         for a, b, path in self._replay_chunks(start, total):
-            rows = torch.load(path, weights_only=True)
+            rows = self._read_rows(path, b - a)
             lo, hi = max(a, start), min(b, total)
             self.buffer.put_rows(lo, {k: v[lo - a: hi - a] for k, v in rows.items()})
         self.saved_rows = total
@@ -398,6 +457,8 @@ class Loop:
         obs, t, ep_return = self._reset(), 0, 0.0
         tick, tick_step = time.perf_counter(), self.step
         deadline = None if cfg.time_limit_s is None else tick + cfg.time_limit_s
+        go_on = f"go on with `flatworld train --resume {self.run_dir}`"
+        interrupt = _Interrupt(bar)
         try:
             while self.step < cfg.steps:
                 if stop_after is not None and self.step >= stop_after:
@@ -446,21 +507,28 @@ class Loop:
                 elif done:
                     due = self.step >= self.next_checkpoint
                     out_of_time = deadline is not None and time.perf_counter() >= deadline
+                    stopping = out_of_time or interrupt.pressed
                     if due:
                         self.next_checkpoint = (self.step // cfg.checkpoint_every + 1) * (
                             cfg.checkpoint_every
                         )
-                    if due or out_of_time:
+                    if due or stopping:
                         self.wall_s += time.perf_counter() - tick
                         tick, tick_step = time.perf_counter(), self.step
                         self.checkpoint()
-                    if out_of_time:
-                        bar.write(f"{self.run_dir}: stopped at step {self.step} after "
-                                  f"time_limit_s={cfg.time_limit_s:g}; go on with `flatworld "
-                                  f"train --resume {self.run_dir}`")  # fmt: skip
+                    if stopping:
+                        why = (f" after time_limit_s={cfg.time_limit_s:g}" if out_of_time
+                               else "")  # fmt: skip
+                        bar.write(f"{self.run_dir}: stopped at step {self.step}{why}; {go_on}")
                         return
                     obs, t, ep_return = self._reset(), 0, 0.0
+        except KeyboardInterrupt:  # a second Ctrl-C: at once, back to the last checkpoint
+            last = ("the start" if self.last_checkpoint is None
+                    else f"step {self.last_checkpoint}")  # fmt: skip
+            bar.write(f"{self.run_dir}: stopped at step {self.step} without a checkpoint; "
+                      f"{go_on} (from {last})")
         finally:
+            interrupt.release()
             bar.close()
             log.close()
 
@@ -493,8 +561,12 @@ def train(
     loop = Loop(run_dir, run_cfg, agent_entry(agents, agent_name), agent_name, agent_cfg)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(run_dir, run_cfg, agent_name, agent_cfg)
-        loop.run(progress, stop_after, resumed=False)
+        with locked_run(run_dir):
+            if holds_run(run_dir):  # another process started it meanwhile
+                raise FileExistsError(f"{run_dir} already holds a run: resume it with "
+                                      f"`flatworld train --resume {run_dir}`")  # fmt: skip
+            write_config(run_dir, run_cfg, agent_name, agent_cfg)
+            loop.run(progress, stop_after, resumed=False)
     finally:
         loop.close()
     return run_dir
@@ -505,9 +577,10 @@ def resume(run_dir: str | Path, *, agents: Agents, progress: bool = True,
     """Go on from the last checkpoint that loads; metrics rows after it are redone.
 
     A run killed before its first checkpoint (checkpoints are taken at episode ends) starts
-    again from the beginning. Checkpoints that do not load, or lack part of the state, are
-    set aside (renamed `*.refused`) once a good one is found, so they never count among the
-    checkpoints kept.
+    again from the beginning. Checkpoints that do not load, lack part of the state, or need
+    replay rows that do not load are set aside (renamed `*.refused`, as are the damaged rows
+    files) once a good one is found, so they never count among the checkpoints kept. A
+    finished run says so and returns. A folder that another process is training is refused.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -518,20 +591,30 @@ def resume(run_dir: str | Path, *, agents: Agents, progress: bool = True,
     agent_cfg = checked_configs(run_cfg, agent_name, agent_cfg, agents)
     loop = Loop(run_dir, run_cfg, agent_entry(agents, agent_name), agent_name, agent_cfg)
     try:
-        folder = run_dir / "checkpoints"
-        if not list_checkpoints(folder):
-            warnings.warn(f"{run_dir} has no checkpoint (the run stopped before its first "
-                          "episode ended): starting it again", RuntimeWarning, stacklevel=2)
-            loop.run(progress, stop_after, resumed=False)
-            return run_dir
-        state, _ = load_checkpoint(folder, validate=loop.check_state, set_aside=True)
-        if state["done"]:
-            return run_dir
-        loop.load_state_dict(state)
-        loop.run(progress, stop_after, resumed=True)
+        with locked_run(run_dir):
+            _resume(loop, run_dir, progress, stop_after)
     finally:
         loop.close()
     return run_dir
+
+
+def _resume(loop: Loop, run_dir: Path, progress: bool, stop_after: int | None) -> None:
+    folder = run_dir / "checkpoints"
+    if not list_checkpoints(folder):
+        warnings.warn(f"{run_dir} has no checkpoint (the run stopped before its first "
+                      "episode ended): starting it again", RuntimeWarning, stacklevel=3)
+        loop.run(progress, stop_after, resumed=False)
+        return
+    state, path = load_checkpoint(folder, validate=loop.check_state, set_aside=True)
+    for damaged in loop.damaged_rows:  # a checkpoint that does not need them loaded
+        damaged.rename(damaged.with_name(damaged.name + ".refused"))
+    if state["done"]:
+        print(f"{run_dir} is finished ({state['step']} steps): its metrics are in "
+              f"{run_dir / 'metrics.csv'}, its last checkpoint is {path}; evaluate it with "
+              f"`flatworld eval {run_dir}`")
+        return
+    loop.load_state_dict(state)
+    loop.run(progress, stop_after, resumed=True)
 
 
 def train_or_resume(run_cfg: RunConfig, agent_name: str, agent_cfg: Any, *, agents: Agents,
