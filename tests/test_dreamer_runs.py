@@ -117,3 +117,30 @@ def test_killed_twister_run_resumes_to_identical_metrics(tmp_path, case):
     assert stored["agent"]["config"]["sequence_model"] == "transformer"
     cpc = [r["train/cpc_loss"] for r in ref if r.get("train/cpc_loss")]
     assert cpc and all(float(c) > 0 for c in cpc)  # AC-CPC is trained (crops on pixels only)
+
+
+def test_the_suite_and_the_agent_set_train_ratio_pixels_and_prefill(tmp_path):
+    """What a run records is what it ran: DreamerV3's train ratio comes from the suite (512 on
+    DMC); TWISTER runs DMC from one 64x64 frame (obs='rgb', frame_stack=1) and DreamerV3 from one
+    frame too, while the run's own env_options win; TWISTER's prefill is 100 windows."""
+    from flatworld.agents.dreamer import TwisterConfig
+
+    dreamer_dir = train(run_cfg(tmp_path / "d", "dmc/cartpole-swingup", steps=2, seed_steps=2,
+                                env_options={"episode_length": 25}),
+                        "dreamer", tiny(train_ratio=None), agents=AGENTS)  # fmt: skip
+    stored = yaml.safe_load((dreamer_dir / "config.yaml").read_text())
+    assert stored["agent"]["config"]["train_ratio"] == 512
+    assert stored["run"]["env_options"] == {"frame_stack": 1, "episode_length": 25}
+    twister_dir = train(run_cfg(tmp_path / "t", "dmc/cartpole-swingup", steps=2, seed_steps=2,
+                                env_options={"episode_length": 25}),
+                        "twister", tiny_twister(), agents=AGENTS)  # fmt: skip
+    stored = yaml.safe_load((twister_dir / "config.yaml").read_text())
+    assert stored["run"]["env_options"] == {"obs": "rgb", "frame_stack": 1,
+                                            "episode_length": 25}  # fmt: skip
+    own = train(run_cfg(tmp_path / "s", "dmc/cartpole-swingup", steps=2, seed_steps=2,
+                        env_options={"episode_length": 25, "obs": "state"}),
+                "twister", tiny_twister(), agents=AGENTS)  # fmt: skip
+    assert yaml.safe_load((own / "config.yaml").read_text())["run"]["env_options"]["obs"] == "state"
+    assert AGENTS["twister"].seed_steps(TwisterConfig(), 1000) == 163
+    assert AGENTS["twister"].seed_steps(TwisterConfig(seq_len=16), 1000) == 115
+    assert AGENTS["dreamer"].seed_steps(DreamerConfig(), 1000) == 1024

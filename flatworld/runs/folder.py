@@ -83,10 +83,21 @@ def checked_configs(run_cfg: RunConfig, agent_name: str, agent_cfg: Any,
             f"{agent_name!r}, got {type(agent_cfg).__name__}"
         )
     agent_cfg = resolve_episodic(run_cfg.env, agent_cfg)
+    if hasattr(agent_cfg, "for_env"):  # fields the agent leaves to the suite (train ratio)
+        agent_cfg = agent_cfg.for_env(run_cfg.env)
     if hasattr(agent_cfg, "validate"):
         agent_cfg.validate()
     check_device(run_cfg.device)
     return agent_cfg
+
+
+def with_agent_env_defaults(run_cfg: RunConfig, agent_cfg: Any) -> RunConfig:
+    """`run_cfg` with the env options the agent's published runs used on its suite (the agent
+    config's `env_defaults(env_id)`, e.g. pixels for TWISTER on DMC) under the run's own."""
+    if not hasattr(agent_cfg, "env_defaults"):
+        return run_cfg
+    defaults = agent_cfg.env_defaults(run_cfg.env)
+    return dataclasses.replace(run_cfg, env_options={**defaults, **run_cfg.env_options})
 
 
 # -- where a run lives ------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from flatworld.runs.folder import (
     locked_run,
     read_config,
     run_dir_of,
+    with_agent_env_defaults,
     write_config,
 )
 from flatworld.runs.logger import MetricsLog
@@ -549,6 +550,7 @@ def train(
     without a final checkpoint, as a crash would (for testing resume).
     """
     agent_cfg = checked_configs(run_cfg, agent_name, agent_cfg, agents)
+    run_cfg = with_agent_env_defaults(run_cfg, agent_cfg)
     run_dir = run_dir_of(run_cfg, agent_name, agent_cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run_dir={str(run_dir)!r} is a file; a run needs a folder")
@@ -623,6 +625,7 @@ def train_or_resume(run_cfg: RunConfig, agent_name: str, agent_cfg: Any, *, agen
     the requested one (a finished run returns at once). A different config is refused with
     the fields that differ: a run never silently continues under another env or budget."""
     agent_cfg = checked_configs(run_cfg, agent_name, agent_cfg, agents)
+    run_cfg = with_agent_env_defaults(run_cfg, agent_cfg)
     run_dir = run_dir_of(run_cfg, agent_name, agent_cfg)
     if not (run_dir / "config.yaml").exists():
         return train(run_cfg, agent_name, agent_cfg, agents=agents, progress=progress,

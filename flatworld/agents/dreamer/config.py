@@ -163,6 +163,12 @@ class DreamerConfig:
         suite = env_id.partition("/")[0]
         return replace(self, train_ratio=SUITE_TRAIN_RATIO.get(suite, DEFAULT_TRAIN_RATIO))
 
+    def env_defaults(self, env_id: str) -> dict[str, Any]:
+        """``flatworld.envs.make`` options this agent's published runs used on ``env_id``'s
+        suite; a run's own env_options override them. DreamerV3 v1 sees one frame on pixel
+        DMC (no frame stack)."""
+        return {"frame_stack": 1} if env_id.startswith("dmc/") else {}
+
     def validate(self) -> DreamerConfig:
         def check(ok: bool, name: str, accepted: str) -> None:
             if not ok:
@@ -251,3 +257,7 @@ class TwisterConfig(DreamerConfig):
         "choices": ACTOR_GRADS, "help": "the actor's gradient in imagination: 'reinforce' (as "
         "TWISTER, for continuous actions too; default), 'dynamics' (backpropagation through "
         "the dynamics) or 'auto' (DreamerV3's rule)"})
+
+    def env_defaults(self, env_id: str) -> dict[str, Any]:
+        """TWISTER ran DMC from 64x64 pixels, one frame (no frame stack)."""
+        return {"obs": "rgb", "frame_stack": 1} if env_id.startswith("dmc/") else {}
