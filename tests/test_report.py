@@ -32,11 +32,11 @@ def final_return(task: int, sam: bool, seed: int) -> float:
     return 300.0 + 200 * task + (60.0 if sam else 0.0) + 37.0 * ((seed * 7) % 5)
 
 
-def write_run(folder, env, seed, sam, final, lr=3e-4):
+def write_run(folder, env, seed, sam, final, lr=3e-4, agent="tdmpc2", env_options=None):
     folder.mkdir(parents=True)
     spec = {"base": "adam", "lr": lr, "sam": {"rho": 0.05, "adaptive": False} if sam else None}
-    doc = {"run": {"env": env, "seed": seed},
-           "agent": {"name": "tdmpc2", "config": {"wm_optim": spec}}}
+    doc = {"run": {"env": env, "seed": seed, "env_options": env_options or {}},
+           "agent": {"name": agent, "config": {"wm_optim": spec}}}
     (folder / "config.yaml").write_text(yaml.safe_dump(doc))
     with open(folder / "metrics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
@@ -82,7 +82,7 @@ def test_store_has_a_row_per_run_and_evaluation(sweep):
     for col in ("run", "task", "seed", "label", "wm_optim", "rho", "env_steps", "return",
                 "sharpness", "value_error", "model_error", "wall_time"):
         assert col in frame.columns
-    row = frame[(frame["run"] == "dmc-walker-walk/sam,rho=0.05-s3") & (frame["step"] == 15000)]
+    row = frame[(frame["run"] == "dmc-walker-walk/sam_rho-0.05-s3") & (frame["step"] == 15000)]
     assert row["return"].item() == final_return(1, True, 3)
     assert row["env_steps"].item() == 30000 and row["wall_time"].item() == 300.0
     assert row["rho"].item() == 0.05 and frame[frame["wm_optim"] == "adam"]["rho"].isna().all()
@@ -152,9 +152,9 @@ def test_report_writes_tables_and_figures_that_match_rliable(sweep, tmp_path):
 
 def test_report_on_run_folders_and_export_from_the_command_line(sweep, tmp_path, capsys):
     loose = [write_run(tmp_path / "runs" / f"r{s}", "dmc/cartpole-swingup", s, False, 500.0 + s)
-             for s in (1, 2)]  # fmt: skip
+             for s in (6, 7)]  # fmt: skip
     path = report(loose, tmp_path / "loose")  # the earlier API: a list of run folders
-    assert "| dmc/cartpole-swingup | 502 ± " in path.read_text()
+    assert "| dmc/cartpole-swingup | 506 ± " in path.read_text()
     main(["report", str(sweep), *map(str, loose), "--out", str(tmp_path / "both"), "--export",
           "--reps", "100"])
     assert (tmp_path / "both" / "report.md").exists()
@@ -167,3 +167,102 @@ def test_report_on_run_folders_and_export_from_the_command_line(sweep, tmp_path,
         main(["report", str(tmp_path / "nothing-here")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("flatworld: error: ")
+
+
+def test_runs_of_other_agents_are_never_pooled_and_a_seed_twice_is_an_error(tmp_path):
+    task = "dmc/cartpole-swingup"
+    dreamer = write_run(tmp_path / "dreamer", task, 1, False, 500.0, agent="dreamer")
+    twister = write_run(tmp_path / "twister", task, 1, False, 100.0, agent="twister")
+    labels = load(None, [dreamer, twister]).groupby("run")["label"].first()
+    assert labels[str(dreamer)] == "dreamer, adam" and labels[str(twister)] == "twister, adam"
+    text = report([dreamer, twister], tmp_path / "agents", reps=100).read_text()
+    assert "| task | dreamer, adam | twister, adam |" in text and "500 (n = 1: no" in text
+    twin = write_run(tmp_path / "twin", task, 1, False, 300.0)
+    first = write_run(tmp_path / "first", task, 1, False, 700.0)
+    with pytest.raises(ValueError) as err:
+        report([first, twin], tmp_path / "twins")
+    assert str(first) in str(err.value) and str(twin) in str(err.value)
+    assert "seed 1" in str(err.value)
+
+
+def test_every_table_and_figure_uses_the_same_runs(sweep, tmp_path):
+    (sweep / "dmc-walker-walk" / "adam-s5" / "metrics.csv").unlink()  # not evaluated yet
+    text = report(sweep, reps=100).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| dmc/cartpole-swingup"))
+    adam_mean = np.mean([final_return(0, False, s) for s in range(1, 5)])
+    assert row.startswith(f"| dmc/cartpole-swingup | {adam_mean:.3g} ± ") and "(n=4)" in row
+    assert "dmc-cartpole-swingup/adam-s5 (seed 5 of [adam] is not on every task" in text
+    iqm = next(line for line in text.splitlines() if line.startswith("| **IQM**"))
+    scores = {"adam": np.array([[final_return(t, False, s) / 1000 for t in range(2)]
+                                for s in range(1, 5)])}  # fmt: skip
+    p, c = aggregate_estimates(scores, reps=100)
+    assert f"| {p['adam'][0]:.3g} [{c['adam'][0][0]:.3g}, " in iqm
+
+
+def test_one_seed_per_arm_says_there_is_no_interval(tmp_path):
+    task = "dmc/cartpole-swingup"
+    runs = [write_run(tmp_path / "a", task, 1, False, 400.0),
+            write_run(tmp_path / "s", task, 1, True, 450.0)]
+    text = report(runs, tmp_path / "r", reps=100).read_text()
+    lines = text.splitlines()
+    for start in ("| dmc/cartpole-swingup", "| **IQM**", "| **mean**", "| **P(point > adam)"):
+        row = next(line for line in lines if line.startswith(start))
+        assert "n = 1: no interval" in row and "[" not in row.split("|", 2)[2], row
+    assert "| sam, rho=0.05 | -0.0267 (-80%) (no interval)" in text
+    assert "no interval is shown" in text
+
+
+def test_shortened_episodes_are_not_scored_against_full_ones(tmp_path):
+    task = "dmc/cartpole-swingup"
+    opts = {"episode_length": 25}  # agent steps; x2 action repeat: 50 of 1000 control steps
+    runs = [write_run(tmp_path / f"r{s}", task, s, False, 40.0, env_options=opts)
+            for s in (1, 2)]  # fmt: skip
+    text = report(runs, tmp_path / "r", reps=100).read_text()
+    assert "Scores: dmc return / 50 (shortened episodes)." in text
+    assert "**Shortened episodes** on dmc/cartpole-swingup" in text
+    assert "published TD-MPC2" not in text  # the published curves are of 1000-step episodes
+    fin = finals(load(None, runs))
+    assert fin["score"].tolist() == [40.0 / 50, 40.0 / 50]
+    full = [write_run(tmp_path / f"f{s}", task, s, False, 40.0) for s in (1, 2)]
+    assert "published TD-MPC2" in report(full, tmp_path / "f", reps=100).read_text()
+
+
+def test_sharpness_value_correlation_and_arm_changes_equal_scipy_and_rliable(tmp_path):
+    from scipy import stats
+
+    from flatworld.experiments.report import arm_changes, seeded, spearman_interval
+
+    rng = np.random.default_rng(5)
+    x, y = rng.lognormal(size=12), rng.normal(size=12)
+    rho, lo, hi = spearman_interval(x, y, reps=400, seed=3)
+    assert rho == pytest.approx(stats.spearmanr(x, y).statistic)
+    ref = stats.bootstrap((x, y), lambda a, b: stats.spearmanr(a, b).statistic, paired=True,
+                          vectorized=False, n_resamples=400, method="percentile",
+                          random_state=np.random.default_rng(3))  # fmt: skip
+    assert (lo, hi) == pytest.approx((ref.confidence_interval.low,
+                                      ref.confidence_interval.high))  # fmt: skip
+    assert np.isnan(spearman_interval(x[:2], y[:2])[1])  # two runs: no interval
+    # per-arm changes: rliable's stratified bootstrap of the difference of means
+    import pandas as pd
+
+    rows = []
+    for label, shift in (("adam", 0.0), ("sam", -1.0)):
+        for t, task in enumerate(("a/x", "a/y")):
+            for seed in (1, 2, 3, 4):
+                rows.append({"label": label, "task": task, "seed": seed,
+                             "sharpness": 2.0 + shift + 0.1 * seed * (t + 1),
+                             "value_error": 5.0 + seed, "model_error": 1.0,
+                             "return": 100.0 * (t + 1) - 10 * shift + seed})  # fmt: skip
+    fin = pd.DataFrame(rows)
+    changes = arm_changes(fin, ["adam", "sam"], "adam", ["a/x", "a/y"], reps=300, seed=2)
+    matrix = {lab: fin[fin["label"] == lab].pivot(index="seed", columns="task",
+                                                  values="sharpness").to_numpy()
+              for lab in ("adam", "sam")}  # fmt: skip
+    with seeded(2):
+        _, ci = rly.get_interval_estimates({"sam": [matrix["sam"], matrix["adam"]]},
+                                           lambda a, b: np.mean(a) - np.mean(b), reps=300)
+    d, low, high, base = changes[("sam", "sharpness")]
+    assert d == pytest.approx(-1.0) and base == pytest.approx(matrix["adam"].mean())
+    assert (low, high) == pytest.approx(tuple(np.asarray(ci["sam"]).reshape(2)))
+    assert changes[("sam", "return")][0] == pytest.approx(10.0)
+    assert changes[("sam", "value_error")][0] == pytest.approx(0.0)

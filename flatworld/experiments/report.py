@@ -54,9 +54,30 @@ PUBLISHED = {"tdmpc2": _TDMPC2, "dreamer": _DREAMERV3, "twister": _DREAMERV3}
 
 
 # -- scores ----------------------------------------------------------------------------------
-def normalizer(task: str) -> tuple[Any, str]:
-    """(score -> normalised score, what it is) for a task."""
+DMC_EPISODE = 1000  # control steps in a full DMC episode (reward <= 1 per step)
+
+
+def shortened(task: str, episode_length: Any, action_repeat: Any) -> bool:
+    """Whether a run's episodes are shorter than the suite's full ones (the published curves
+    and the usual normalisation are for full episodes). Outside DMC any episode length the
+    run set counts as shortened, as the full length is not known here."""
+    if episode_length is None or episode_length != episode_length:  # None or NaN: default
+        return False
+    if task.startswith("dmc/"):
+        repeat = 2 if action_repeat is None or action_repeat != action_repeat else action_repeat
+        return int(episode_length) * int(repeat) < DMC_EPISODE
+    return True
+
+
+def normalizer(task: str, episode_length: Any = None, action_repeat: Any = None
+               ) -> tuple[Any, str]:  # fmt: skip
+    """(score -> normalised score, what it is) for a task; DMC runs with shortened episodes
+    are normalised by their own episode's maximum return, not the full episode's 1000."""
     suite = task.split("/", 1)[0]
+    if suite == "dmc" and shortened(task, episode_length, action_repeat):
+        repeat = 2 if action_repeat is None or action_repeat != action_repeat else action_repeat
+        top = int(episode_length) * int(repeat)
+        return (lambda s: s / top), f"return / {top} (shortened episodes)"
     if suite == "dmc":
         return (lambda s: s / 1000.0), "return / 1000"
     if suite == "atari":
@@ -84,10 +105,28 @@ def finals(frame: Any) -> Any:
             row[col] = float(vals.iloc[-1]) if len(vals) else float("nan")
         evals = g.dropna(subset=["return"])
         row["env_steps"] = int(evals["env_steps"].iloc[-1]) if len(evals) else 0
-        norm, _ = normalizer(row["task"])
+        norm, _ = normalizer(row["task"], row.get("episode_length"), row.get("action_repeat"))
         row["score"] = norm(row["return"]) if math.isfinite(row["return"]) else float("nan")
         out.append(row)
     return pd.DataFrame(out)
+
+
+def select_runs(fin: Any) -> tuple[Any, list[str]]:
+    """The runs every table and figure uses, and why others were left out: a run with no
+    evaluation yet, and a seed that an arm does not have on each of its tasks (aggregates
+    need one run per seed and task, and the per-task table must show the same runs)."""
+    notes = [f"{r} (no evaluation logged yet)" for r in fin[fin["score"].isna()]["run"]]
+    fin = fin[fin["score"].notna()]
+    keep = []
+    for label, g in fin.groupby("label", sort=False):
+        seeds = set.intersection(*[set(t["seed"]) for _, t in g.groupby("task", sort=False)])
+        for _, row in g.iterrows():
+            if row["seed"] in seeds:
+                keep.append(row["run"])
+            else:
+                notes.append(f"{row['run']} (seed {row['seed']} of [{label}] is not on every "
+                             "task of that arm)")  # fmt: skip
+    return fin[fin["run"].isin(keep)].reset_index(drop=True), notes
 
 
 def score_matrices(fin: Any, labels: list[str], tasks: list[str]) -> dict[str, np.ndarray]:
@@ -156,6 +195,77 @@ def improvement(scores: dict[str, np.ndarray], baseline: str, reps: int = 2000,
                                               reps=reps)
         points[label], cis[label] = float(p[label]), np.asarray(c[label]).reshape(2)
     return points, cis
+
+
+MIN_RUNS_FOR_INTERVAL = 3  # fewer runs per arm: no interval is shown
+MECHANISM = (("sharpness", "world-model sharpness"), ("value_error", "value error"),
+             ("model_error", "model error"), ("return", "return"))  # fmt: skip
+
+
+def spearman_interval(x: np.ndarray, y: np.ndarray, reps: int = 2000, seed: int = 0
+                      ) -> tuple[float, float, float]:  # fmt: skip
+    """Spearman's rank correlation of paired values over runs (scipy) and its 95% percentile
+    bootstrap interval over runs (scipy.stats.bootstrap, pairs resampled together); the
+    interval is NaN with fewer than MIN_RUNS_FOR_INTERVAL runs or when resamples are tied."""
+    import warnings
+
+    from scipy import stats
+
+    def statistic(a: np.ndarray, b: np.ndarray) -> float:
+        return stats.spearmanr(a, b).statistic
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant (or, resampled, tied) ranks give NaN
+        rho = float(statistic(x, y))
+        if len(x) < MIN_RUNS_FOR_INTERVAL or not np.isfinite(rho):
+            return rho, float("nan"), float("nan")
+        res = stats.bootstrap((x, y), statistic, paired=True, vectorized=False,
+                              n_resamples=reps, method="percentile",
+                              random_state=np.random.default_rng(seed))  # fmt: skip
+    # the percentile interval of the resamples that have a correlation (scipy's own interval
+    # when none is tied; with 3 runs about one resample in nine draws one run thrice)
+    lo, hi = np.nanpercentile(res.bootstrap_distribution, [2.5, 97.5])
+    return rho, float(lo), float(hi)
+
+
+def arm_matrix(fin: Any, label: str, tasks: list[str], col: str) -> np.ndarray | None:
+    """(seeds x tasks) of a final metric for one arm, or None when a value is missing."""
+    g = fin[fin["label"] == label]
+    seeds = sorted(set(g["seed"]))
+    try:
+        m = np.array([[float(g[(g["task"] == t) & (g["seed"] == s)][col].iloc[0])
+                       for t in tasks] for s in seeds])  # fmt: skip
+    except IndexError:
+        return None
+    return m if m.size and np.isfinite(m).all() else None
+
+
+def arm_changes(fin: Any, labels: list[str], baseline: str, tasks: list[str], reps: int = 2000,
+                seed: int = 0) -> dict[tuple[str, str], tuple[float, float, float, float]]:
+    """{(label, metric): (change, low, high, baseline mean)}: the mean of a final metric over
+    an arm's runs and tasks minus the baseline arm's, with a 95% stratified-bootstrap interval
+    (rliable: runs resampled within each task, both arms independently); NaN bounds with
+    fewer than MIN_RUNS_FOR_INTERVAL runs in either arm."""
+    from rliable import library as rly
+
+    def change(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.mean(a) - np.mean(b))
+
+    out = {}
+    for col, _ in MECHANISM:
+        base = arm_matrix(fin, baseline, tasks, col)
+        for label in labels:
+            m = arm_matrix(fin, label, tasks, col) if label != baseline else None
+            if base is None or m is None:
+                continue
+            lo = hi = float("nan")
+            if min(len(m), len(base)) >= MIN_RUNS_FOR_INTERVAL:
+                with seeded(seed):
+                    _, ci = rly.get_interval_estimates({label: [m, base]}, change, reps=reps)
+                lo, hi = (float(v) for v in np.asarray(ci[label]).reshape(2))
+            out[(label, col)] = (change(m, base), lo, hi, float(np.mean(base)))
+    return out
 
 
 def bootstrap_band(ys: np.ndarray, reps: int = 1000, seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -272,9 +382,10 @@ def _colors(labels: list[str]) -> dict[str, Any]:
 
 
 def plot_curves(frame: Any, labels: list[str], tasks: list[str], path: Path,
-                seed: int = 0) -> dict[Published, list[str]]:  # fmt: skip
+                seed: int = 0, short: tuple[str, ...] = ()) -> dict[Published, list[str]]:
     """Returns {published curves: the tasks they were drawn on}; each task gets the
-    published curves of the agents in its runs (PUBLISHED)."""
+    published curves of the agents in its runs (PUBLISHED), except the tasks in `short`
+    (runs with shortened episodes: the published curves are of full ones)."""
     plt = _plt()
     colors = _colors(labels)
     n = len(tasks)
@@ -308,6 +419,10 @@ def plot_curves(frame: Any, labels: list[str], tasks: list[str], path: Path,
                        label="random policy (score table)")  # fmt: skip
         refs = {published(task, a): a for a in dict.fromkeys(tf["agent"])}
         refs.pop(None, None)
+        if task in short:
+            refs = {}
+            ax.text(0.02, 0.98, "shortened episodes: published full-episode curves not "
+                    "drawn", transform=ax.transAxes, fontsize=7, va="top")  # fmt: skip
         for ref, agent in refs.items():
             pub = published_curve(task, agent)
             if pub is None or top <= 0:
@@ -334,7 +449,10 @@ def plot_curves(frame: Any, labels: list[str], tasks: list[str], path: Path,
 
 
 def plot_aggregates(points: dict[str, np.ndarray], cis: dict[str, np.ndarray],
-                    labels: list[str], path: Path, what: str) -> None:  # fmt: skip
+                    labels: list[str], path: Path, what: str,
+                    no_interval: set[str] = frozenset()) -> None:  # fmt: skip
+    """Point estimates with their intervals; labels in `no_interval` (one run) get the
+    point only."""
     plt = _plt()
     colors = _colors(labels)
     shown = [lab for lab in labels if lab in points]
@@ -342,7 +460,8 @@ def plot_aggregates(points: dict[str, np.ndarray], cis: dict[str, np.ndarray],
     for j, (ax, name) in enumerate(zip(axes[0], AGGREGATES, strict=True)):
         for i, lab in enumerate(shown):
             p, lo, hi = points[lab][j], cis[lab][0][j], cis[lab][1][j]
-            ax.barh(i, hi - lo, left=lo, height=0.6, color=colors[lab], alpha=0.6)
+            if lab not in no_interval:
+                ax.barh(i, hi - lo, left=lo, height=0.6, color=colors[lab], alpha=0.6)
             ax.plot([p, p], [i - 0.3, i + 0.3], color="k", linewidth=2)
         ax.set_yticks(range(len(shown)), shown if j == 0 else [""] * len(shown))
         ax.set(title=name, xlabel=what)
@@ -380,14 +499,16 @@ def plot_profiles(scores: dict[str, np.ndarray], labels: list[str], path: Path, 
 
 
 def plot_improvement(points: dict[str, float], cis: dict[str, np.ndarray], baseline: str,
-                     labels: list[str], path: Path) -> None:  # fmt: skip
+                     labels: list[str], path: Path,
+                     no_interval: set[str] = frozenset()) -> None:  # fmt: skip
     plt = _plt()
     colors = _colors(labels)
     shown = [lab for lab in labels if lab in points]
     fig, ax = plt.subplots(figsize=(6.5, 0.55 * len(shown) + 1.4))
     for i, lab in enumerate(shown):
         lo, hi = cis[lab]
-        ax.barh(i, hi - lo, left=lo, height=0.6, color=colors[lab], alpha=0.6)
+        if lab not in no_interval:
+            ax.barh(i, hi - lo, left=lo, height=0.6, color=colors[lab], alpha=0.6)
         ax.plot([points[lab]] * 2, [i - 0.3, i + 0.3], color="k", linewidth=2)
     ax.axvline(0.5, color="gray", linestyle=":")
     ax.set_yticks(range(len(shown)), shown)
@@ -431,6 +552,37 @@ def plot_mechanism(fin: Any, labels: list[str], path: Path, what: str) -> None:
     plt.close(fig)
 
 
+def plot_sharpness_value(frame: Any, labels: list[str], path: Path) -> int:
+    """World-model sharpness (log x) against value-prediction error, a point per run and
+    logged step that has both, coloured by arm; a run's last such point is ringed. Returns
+    the number of points."""
+    plt = _plt()
+    colors = _colors(labels)
+    both = frame[(frame["sharpness"] > 0) & frame["value_error"].notna()]
+    fig, ax = plt.subplots(figsize=(6.2, 4.4))
+    for lab in labels:
+        g = both[both["label"] == lab]
+        if g.empty:
+            continue
+        ax.scatter(g["sharpness"], g["value_error"], color=colors[lab], s=14, alpha=0.6,
+                   label=lab)  # fmt: skip
+        last = g.sort_values("step").groupby("run", sort=False).tail(1)
+        ax.scatter(last["sharpness"], last["value_error"], facecolor="none", s=60,
+                   edgecolor=colors[lab], linewidth=1.2)  # fmt: skip
+    if len(both):
+        ax.set_xscale("log")
+    ax.set(xlabel="world-model first-order sharpness (log scale)",
+           ylabel="value-prediction error", title="every run and logged step (ringed: the "
+           "last step of each run)")  # fmt: skip
+    ax.title.set_fontsize(8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return len(both)
+
+
 # -- the report ------------------------------------------------------------------------------
 def _g(x: float) -> str:
     if x is None or not math.isfinite(x):
@@ -450,24 +602,13 @@ def _baseline(fin: Any, labels: list[str]) -> str | None:
 
 
 def _collect(sources: Any) -> Any:
-    import pandas as pd
-
-    if isinstance(sources, str | Path):
-        sources = [sources]
-    sources = list(sources)
-    frames = []
-    loose = []
-    for s in sources:
-        if store.is_sweep(s):
-            frames.append(store.load(s))
-        else:
-            loose.append(s)
-    if loose:
-        frames.append(store.load(None, loose))
-    frames = [f for f in frames if not f.empty]
-    if not frames:
+    """Every source (sweep folders and run folders) in one table, labelled together so that
+    runs of different agents or configs never share an arm."""
+    sources = [sources] if isinstance(sources, str | Path) else list(sources)
+    frame = store.load(sources)
+    if frame.empty:
         raise ValueError(f"no evaluations logged yet in {', '.join(map(str, sources))}")
-    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    return frame
 
 
 def report(sources: Any, out: str | Path | None = None, title: str = "", reps: int = 2000,
@@ -482,12 +623,21 @@ def report(sources: Any, out: str | Path | None = None, title: str = "", reps: i
     out.mkdir(parents=True, exist_ok=True)
     if export is not None:
         store.export(frame, export)
-    labels = list(dict.fromkeys(frame["label"]))
-    tasks = list(dict.fromkeys(frame["task"]))
-    fin = finals(frame)
-    kinds = {normalizer(t)[1] for t in tasks}
-    what = "normalised score" if kinds <= {"return / 1000", "human-normalised"} else "score"
+    fin, left_out = select_runs(finals(frame))
+    if fin.empty:
+        raise ValueError("no run has an evaluation logged yet: nothing to report")
+    frame = frame[frame["run"].isin(set(fin["run"]))]  # one set of runs for everything
+    labels = list(dict.fromkeys(fin["label"]))
+    tasks = list(dict.fromkeys(fin["task"]))
+    kinds = {normalizer(r["task"], r.get("episode_length"), r.get("action_repeat"))[1]
+             for _, r in fin.iterrows()}  # fmt: skip
+    what = "normalised score" if all(k.startswith(("return / ", "human")) for k in kinds) \
+        else "score"
+    short = tuple(t for t in tasks if any(
+        shortened(t, r.get("episode_length"), r.get("action_repeat"))
+        for _, r in fin[fin["task"] == t].iterrows()))  # fmt: skip
     scores = score_matrices(fin, labels, tasks)
+    one_run = {lab for lab, m in scores.items() if len(m) < 2}
 
     lines = [f"# {title or 'flatworld report'}", ""]
     seeds = sorted(set(fin["seed"]))
@@ -497,8 +647,21 @@ def report(sources: Any, out: str | Path | None = None, title: str = "", reps: i
               + (f"{int(steps.min()):,}" if steps.min() == steps.max()
                  else f"{int(steps.min()):,}–{int(steps.max()):,}") + " environment steps.",
               "", "Scores: " + "; ".join(sorted(
-                  f"{t.split('/')[0]} {normalizer(t)[1]}" for t in
-                  {t.split('/')[0] + '/': t for t in tasks}.values())) + ".", ""]  # fmt: skip
+                  {f"{r['task'].split('/')[0]} " + normalizer(
+                      r["task"], r.get("episode_length"), r.get("action_repeat"))[1]
+                   for _, r in fin.iterrows()})) + ".", ""]  # fmt: skip
+    if short:
+        lines += [f"**Shortened episodes** on {', '.join(short)}: these runs' episodes are "
+                  "shorter than the suite's full ones, so their scores are not comparable to "
+                  "published full-episode results (DMC: normalised by their own episode's "
+                  "maximum return, not 1000) and the published curves are not drawn there.",
+                  ""]  # fmt: skip
+    if left_out:
+        lines += ["Left out of every table and figure: " + "; ".join(left_out) + ".", ""]
+    missing_tasks = [lab for lab in labels if lab not in scores]
+    if missing_tasks:
+        lines += ["No aggregate for " + ", ".join(f"[{lab}]" for lab in missing_tasks)
+                  + ": not on every task of the report.", ""]  # fmt: skip
 
     # the results table: tasks as rows, grid points as columns
     lines += ["## Results", "", "Final evaluation return, mean ± 95% bootstrap half-width "
@@ -513,7 +676,7 @@ def report(sources: Any, out: str | Path | None = None, title: str = "", reps: i
             if len(v) == 0:
                 cells.append("—")
             elif len(v) == 1:
-                cells.append(f"{_g(v[0])} (n=1)")
+                cells.append(f"{_g(v[0])} (n = 1: no interval)")
             else:
                 m, lo, hi = bootstrap_band(v[:, None], seed=seed)
                 cells.append(f"{_g(m[0])} ± {_g((hi[0] - lo[0]) / 2)} (n={len(v)})")
@@ -523,13 +686,16 @@ def report(sources: Any, out: str | Path | None = None, title: str = "", reps: i
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     points, cis = aggregate_estimates(scores, reps=reps, seed=seed) if scores else ({}, {})
     for j, name in enumerate(AGGREGATES):
-        cells = [_ci(points[lab][j], cis[lab][0][j], cis[lab][1][j]) if lab in points else "—"
-                 for lab in labels]  # fmt: skip
+        cells = [("—" if lab not in points else
+                  f"{_g(points[lab][j])} (n = 1: no interval)" if lab in one_run else
+                  _ci(points[lab][j], cis[lab][0][j], cis[lab][1][j])) for lab in labels]
         lines.append(f"| **{name}** ({what}) [95% CI] | " + " | ".join(cells) + " |")
     base = _baseline(fin, labels)
     poi, poi_ci = improvement(scores, base, reps, seed) if base in scores else ({}, {})
     if poi:
-        cells = [_ci(poi[lab], *poi_ci[lab]) if lab in poi else "baseline" for lab in labels]
+        cells = [("baseline" if lab not in poi else
+                  f"{_g(poi[lab])} (n = 1: no interval)" if {lab, base} & one_run else
+                  _ci(poi[lab], *poi_ci[lab])) for lab in labels]
         lines.append(f"| **P(point > {base})** [95% CI] | " + " | ".join(cells) + " |")
     for col, name in (("sharpness", "final world-model sharpness"),
                       ("value_error", "final value-prediction error"),
@@ -547,20 +713,22 @@ def report(sources: Any, out: str | Path | None = None, title: str = "", reps: i
               "median over tasks of each task's mean over runs.", ""]
 
     figures = []
-    drawn = plot_curves(frame, labels, tasks, out / "curves.png", seed=seed)
+    drawn = plot_curves(frame, labels, tasks, out / "curves.png", seed=seed, short=short)
     figures.append(("Learning curves (mean over seeds, 95% bootstrap band)", "curves.png"))
     if scores:
-        plot_aggregates(points, cis, labels, out / "aggregate.png", what)
+        plot_aggregates(points, cis, labels, out / "aggregate.png", what, one_run)
         figures.append((f"Aggregate {what}: IQM, mean, median with 95% CIs", "aggregate.png"))
         plot_profiles(scores, labels, out / "profiles.png", what, reps=min(reps, 1000))
         figures.append(("Performance profiles", "profiles.png"))
     if poi:
-        plot_improvement(poi, poi_ci, base, labels, out / "improvement.png")
+        no_poi_interval = {lab for lab in poi if {lab, base} & one_run}
+        plot_improvement(poi, poi_ci, base, labels, out / "improvement.png", no_poi_interval)
         figures.append((f"Probability of improvement over {base}", "improvement.png"))
     if fin["sharpness"].notna().any() or fin["value_error"].notna().any():
         plot_mechanism(fin, labels, out / "mechanism.png", what)
         figures.append(("World-model sharpness and value error against final score, one "
                         "point per run", "mechanism.png"))
+    lines += mechanism_section(frame, fin, labels, tasks, base, out, reps, seed, figures)
     for ref, on in drawn.items():
         lines += [f"{ref.style_name.capitalize()}: published {ref.name} ({ref.source}; shipped "
                   f"in flatworld/experiments/data/{ref.folder}), on {', '.join(on)}: the mean "
@@ -577,6 +745,62 @@ def report(sources: Any, out: str | Path | None = None, title: str = "", reps: i
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def mechanism_section(frame: Any, fin: Any, labels: list[str], tasks: list[str],
+                      base: str | None, out: Path, reps: int, seed: int,
+                      figures: list[tuple[str, str]]) -> list[str]:  # fmt: skip
+    """The paper's story in numbers: sharpness against value error (figure and Spearman's
+    correlation over runs at their final diagnostic), and each arm's change against the
+    baseline arm in sharpness, value error, model error and return."""
+    lines = ["## Sharpness and value error", ""]
+    if plot_sharpness_value(frame, labels, out / "sharpness_value.png"):
+        figures.append(("World-model sharpness against value-prediction error, every run and "
+                        "step", "sharpness_value.png"))  # fmt: skip
+    pairs = fin[(fin["sharpness"] > 0) & fin["value_error"].notna()]
+    n = len(pairs)
+    if n >= 2:
+        rho, lo, hi = spearman_interval(pairs["sharpness"].to_numpy(float),
+                                        pairs["value_error"].to_numpy(float), reps, seed)
+        ci = (f"95% bootstrap interval over runs [{_g(lo)}, {_g(hi)}]" if np.isfinite(lo)
+              else f"n = {n} runs: fewer than {MIN_RUNS_FOR_INTERVAL}, no interval is shown")
+        lines += [f"Spearman rank correlation of final world-model sharpness and final "
+                  f"value-prediction error over {n} runs: {_g(rho)}; {ci}. Runs of every arm "
+                  "and task are pooled; a rank correlation says whether flatter runs had "
+                  "smaller value errors, not that one caused the other.", ""]  # fmt: skip
+    else:
+        lines += ["Fewer than two runs logged both sharpness and value error: no "
+                  "correlation.", ""]  # fmt: skip
+    changes = arm_changes(fin, labels, base, tasks, reps, seed) if base else {}
+    if changes:
+        arms = [lab for lab in labels if any((lab, c) in changes for c, _ in MECHANISM)]
+        lines += [f"Change against [{base}]: the mean over an arm's runs and tasks minus the "
+                  f"baseline's, with a 95% stratified-bootstrap interval (rliable, {reps} "
+                  "resamples; runs resampled within each task). Final values of each run.",
+                  "", "| arm | " + " | ".join(name for _, name in MECHANISM) + " |",
+                  "|---|" + "---|" * len(MECHANISM)]  # fmt: skip
+        small = False
+        for lab in arms:
+            cells = []
+            for col, _ in MECHANISM:
+                if (lab, col) not in changes:
+                    cells.append("—")
+                    continue
+                d, lo, hi, mean = changes[(lab, col)]
+                rel = f" ({100 * d / abs(mean):+.0f}%)" if mean else ""
+                if np.isfinite(lo):
+                    cells.append(f"{d:+.3g}{rel} [{lo:+.3g}, {hi:+.3g}]")
+                else:
+                    small = True
+                    cells.append(f"{d:+.3g}{rel} (no interval)")
+            lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if small:
+            lines += [f"No interval is shown where an arm has fewer than "
+                      f"{MIN_RUNS_FOR_INTERVAL} runs per task.", ""]  # fmt: skip
+    elif base is None:
+        lines += ["No per-arm change: the report has no single Adam arm to compare with.", ""]
+    return lines
 
 
 # -- helpers kept for callers of the earlier report ------------------------------------------
