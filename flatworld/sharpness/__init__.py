@@ -2,6 +2,7 @@
 the ones they leave. `loss_fn()` computes the loss on a fixed batch without calling backward;
 it should be deterministic (eval mode: no dropout, no BatchNorm statistics updates)."""
 
+from flatworld.sharpness.bound import SamBound, sam_bound, weight_terms
 from flatworld.sharpness.hessian import Eigen, Trace, hessian_trace, hvp, lambda_max
 from flatworld.sharpness.perturb import first_order, m_sharpness, worst_case
 
@@ -17,12 +18,15 @@ def training_diagnostics(loss_fn, params, rho: float, with_lambda_max: bool = Fa
 
 __all__ = [
     "Eigen",
+    "SamBound",
     "Trace",
     "first_order",
     "hessian_trace",
     "hvp",
     "lambda_max",
     "m_sharpness",
+    "sam_bound",
     "training_diagnostics",
+    "weight_terms",
     "worst_case",
 ]
