@@ -60,4 +60,4 @@ def test_weight_terms_of_a_model():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
     k, norm_sq = weight_terms(model.parameters())
     assert k == 3 * 2 + 2 + 2 * 1 + 1
-    assert norm_sq == pytest.approx(sum(float((p**2).sum()) for p in model.parameters()))
+    assert norm_sq == pytest.approx(sum(float((p.detach() ** 2).sum()) for p in model.parameters()))
