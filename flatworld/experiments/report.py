@@ -57,15 +57,24 @@ PUBLISHED = {"tdmpc2": _TDMPC2, "dreamer": _DREAMERV3, "twister": _DREAMERV3}
 DMC_EPISODE = 1000  # control steps in a full DMC episode (reward <= 1 per step)
 
 
+def _set(x: Any) -> bool:
+    """A run's env option was set (not None, not the store's NaN)."""
+    return x is not None and x == x
+
+
+def _dmc_steps(episode_length: Any, action_repeat: Any) -> int:
+    """Control steps in a DMC run's episode (agent steps x action repeat, default 2)."""
+    return int(episode_length) * (int(action_repeat) if _set(action_repeat) else 2)
+
+
 def shortened(task: str, episode_length: Any, action_repeat: Any) -> bool:
     """Whether a run's episodes are shorter than the suite's full ones (the published curves
     and the usual normalisation are for full episodes). Outside DMC any episode length the
     run set counts as shortened, as the full length is not known here."""
-    if episode_length is None or episode_length != episode_length:  # None or NaN: default
+    if not _set(episode_length):
         return False
     if task.startswith("dmc/"):
-        repeat = 2 if action_repeat is None or action_repeat != action_repeat else action_repeat
-        return int(episode_length) * int(repeat) < DMC_EPISODE
+        return _dmc_steps(episode_length, action_repeat) < DMC_EPISODE
     return True
 
 
@@ -75,8 +84,7 @@ def normalizer(task: str, episode_length: Any = None, action_repeat: Any = None
     are normalised by their own episode's maximum return, not the full episode's 1000."""
     suite = task.split("/", 1)[0]
     if suite == "dmc" and shortened(task, episode_length, action_repeat):
-        repeat = 2 if action_repeat is None or action_repeat != action_repeat else action_repeat
-        top = int(episode_length) * int(repeat)
+        top = _dmc_steps(episode_length, action_repeat)
         return (lambda s: s / top), f"return / {top} (shortened episodes)"
     if suite == "dmc":
         return (lambda s: s / 1000.0), "return / 1000"

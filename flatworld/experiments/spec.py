@@ -415,6 +415,7 @@ def build_configs(spec: Spec, agent: str, task: str, point: dict[str, Any], seed
     from flatworld.optim import SamSpec
     from flatworld.runs import RunConfig
     from flatworld.runs.config import from_dict
+    from flatworld.runs.folder import config_dict
 
     cls = AGENTS[agent].config_cls
     values = {**spec.overrides, **{k: v for k, v in point.items() if k != "agent"}}
@@ -436,15 +437,15 @@ def build_configs(spec: Spec, agent: str, task: str, point: dict[str, Any], seed
         else:
             {"run": run_kw, "agent": agent_kw, "sam": sam_kw, "wm": wm_kw}[place][name] = v
     try:
-        run_cfg = from_dict(RunConfig, {**_config_dict(RunConfig()), **run_kw, "env": task,
+        run_cfg = from_dict(RunConfig, {**config_dict(RunConfig()), **run_kw, "env": task,
                                         "seed": seed, "steps": spec.steps, "run_dir": run_dir})
-        base = _config_dict(cls())
+        base = config_dict(cls())
         wm = dict(base["wm_optim"])
         wm.update(wm_kw)
         if wm_choice is None:
             wm_choice = "sam" if wm.get("sam") else "adam"
         if wm_choice == "sam":
-            wm["sam"] = {**(wm.get("sam") or _config_dict(SamSpec())), **sam_kw}
+            wm["sam"] = {**(wm.get("sam") or config_dict(SamSpec())), **sam_kw}
         else:
             wm["sam"] = None
         make = getattr(cls, "from_dict", None)
@@ -552,16 +553,3 @@ def _known_task(suite: str, name: str, ids: tuple[str, ...]) -> bool:
 
         return name in gym.envs.registry
     return f"{suite}/{name}" in ids
-
-
-def _config_dict(cfg: Any) -> dict[str, Any]:
-    """asdict with tuples as lists (what config.yaml holds)."""
-
-    def plain(x: Any) -> Any:
-        if isinstance(x, dict):
-            return {str(k): plain(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [plain(v) for v in x]
-        return x
-
-    return plain(dataclasses.asdict(cfg))

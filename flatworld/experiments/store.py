@@ -88,18 +88,18 @@ def _compared(agent_cfg: dict[str, Any], run_cfg: dict[str, Any]) -> dict[str, A
 def sweep_runs(sweep_dir: str | Path) -> list[Source]:
     """(run folder, its identifying fields, its config flattened) for every run of a sweep
     folder's spec."""
-    from flatworld.experiments.spec import _config_dict, expand, load_spec
-    from flatworld.runs.folder import resolve_episodic
+    from flatworld.experiments.spec import expand, load_spec
+    from flatworld.runs.folder import config_dict, resolve_episodic
 
     sweep_dir = Path(sweep_dir)
     raw = yaml.safe_load((sweep_dir / "spec.yaml").read_text())
     spec = load_spec(raw, name=sweep_dir.name, check=False)
     out = []
     for run in expand(spec, sweep_dir, check=False):
-        run_cfg = _config_dict(run.run_cfg) if run.run_cfg is not None else {}
+        run_cfg = config_dict(run.run_cfg) if run.run_cfg is not None else {}
         agent_cfg = {}
         if run.agent_cfg is not None:  # as the run folder stores it
-            agent_cfg = _config_dict(resolve_episodic(run.task, run.agent_cfg))
+            agent_cfg = config_dict(resolve_episodic(run.task, run.agent_cfg))
         fields = {"run": run.run_id, "task": run.task, "agent": run.agent, "seed": run.seed,
                   "label": run.label, **{k: v for k, v in run.point.items() if k != "agent"},
                   **_episode_fields(run_cfg.get("env_options"))}  # fmt: skip
