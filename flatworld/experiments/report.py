@@ -564,9 +564,11 @@ def plot_sharpness_value(frame: Any, labels: list[str], path: Path) -> int:
     """World-model sharpness (log x) against value-prediction error, a point per run and
     logged step that has both, coloured by arm; a run's last such point is ringed. Returns
     the number of points."""
+    both = frame[(frame["sharpness"] > 0) & frame["value_error"].notna()]
+    if both.empty:
+        return 0
     plt = _plt()
     colors = _colors(labels)
-    both = frame[(frame["sharpness"] > 0) & frame["value_error"].notna()]
     fig, ax = plt.subplots(figsize=(6.2, 4.4))
     for lab in labels:
         g = both[both["label"] == lab]
@@ -577,8 +579,7 @@ def plot_sharpness_value(frame: Any, labels: list[str], path: Path) -> int:
         last = g.sort_values("step").groupby("run", sort=False).tail(1)
         ax.scatter(last["sharpness"], last["value_error"], facecolor="none", s=60,
                    edgecolor=colors[lab], linewidth=1.2)  # fmt: skip
-    if len(both):
-        ax.set_xscale("log")
+    ax.set_xscale("log")
     ax.set(xlabel="world-model first-order sharpness (log scale)",
            ylabel="value-prediction error", title="every run and logged step (ringed: the "
            "last step of each run)")  # fmt: skip
@@ -765,6 +766,11 @@ def mechanism_section(frame: Any, fin: Any, labels: list[str], tasks: list[str],
     if plot_sharpness_value(frame, labels, out / "sharpness_value.png"):
         figures.append(("World-model sharpness against value-prediction error, every run and "
                         "step", "sharpness_value.png"))  # fmt: skip
+    else:
+        lines += ["No logged step has both sharpness and value error, so there is no "
+                  "sharpness-value figure: value error is logged with evaluations "
+                  "(eval_every) and sharpness with diagnostics (diag_every); runs with "
+                  "diag_every equal to eval_every log both on the same steps.", ""]  # fmt: skip
     pairs = fin[(fin["sharpness"] > 0) & fin["value_error"].notna()]
     n = len(pairs)
     if n >= 2:
