@@ -7,6 +7,7 @@ import csv
 import io
 import math
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None,
                  wandb_project: str = "", echo: bool = False):
-        self.echo = echo  # a line per row on stdout, for log files (runs without a bar)
+        self.echo = echo  # a line per row on stderr, for log files (runs without a bar)
         self.path = run_dir / "metrics.csv"
         self.fields = list(COLUMNS)
         rows: list[dict[str, str]] = []
@@ -90,7 +91,7 @@ class MetricsLog:
             # W&B keeps a step it has seen: rows redone after a resume are dropped there.
             self.wandb.log(scalars, step=step)
         if self.echo:
-            print(summary(row), flush=True)
+            print(summary(row), file=sys.stderr, flush=True)  # beside tqdm's bars
 
     def close(self) -> None:
         self._file.close()
