@@ -8,9 +8,16 @@
 - performance profiles, and the probability that each point improves over the Adam
   baseline, with its interval (rliable);
 - world-model sharpness and value-prediction error against final return, one point per run;
+- sharpness against value-prediction error at every logged step (log x), Spearman's
+  correlation over runs of their final values with a bootstrap interval, and each arm's
+  change against the Adam arm in sharpness, value error, model error and return with
+  stratified-bootstrap intervals (none with fewer than 3 runs per arm);
 - a results table laid out like a paper's: per task, then the aggregates.
 
-Scores are normalised per task: DMC returns / 1000, Atari human-normalised
+Every table and figure uses one set of runs (`select_runs`); one run per arm gives
+"n = 1: no interval", never a zero-width interval. Scores are normalised per task: DMC
+returns / 1000 (runs with shortened episodes: / their own episode's control steps, marked,
+and without the published full-episode curves), Atari human-normalised
 (flatworld.envs.atari.human_normalized), other suites' raw returns.
 """
 

@@ -1,7 +1,7 @@
 """Sweep specs: a YAML file (or a preset) naming the agent, tasks, seeds, budget, common
 overrides and a grid; validated whole before anything runs, then expanded into runs.
 
-    name: cartpole-sam            # optional; the default sweep folder is sweeps/<name>
+    name: cartpole-sam            # optional ([A-Za-z0-9._-]); the default folder is sweeps/<name>
     agent: tdmpc2                 # a key of flatworld.agents.AGENTS (or a list: an axis)
     tasks: [dmc/cartpole-swingup] # env ids, or the name of a set (flatworld envs --set)
     seeds: [1, 2, 3]              # a list, or a count n for seeds 1..n
@@ -118,9 +118,10 @@ def preset_path(name: str) -> Path:
 
 # -- parsing ---------------------------------------------------------------------------------
 def load_spec(source: str | Path | dict[str, Any], name: str = "", check: bool = True) -> Spec:
-    """Parse and check a spec's shape (a YAML path, or a dict), and (`check`) that its agents
-    and tasks exist and can work together (`check_names`). Field values are checked later,
-    against the configs, by `expand(..., check=True)`."""
+    """Parse and check a spec's shape (a YAML path, or a dict), and (`check`) that its name
+    is a safe folder name and its agents and tasks exist and can work together
+    (`check_names`). Field values are checked later, against the configs, by
+    `expand(..., check=True)`."""
     if isinstance(source, dict):
         raw = copy.deepcopy(source)
     else:
@@ -169,7 +170,9 @@ def load_spec(source: str | Path | dict[str, Any], name: str = "", check: bool =
     if not _is_int(attempts) or attempts < 1:
         raise SpecError(f"max_attempts={attempts!r}; accepted: {TOP_KEYS['max_attempts']}")
     spec_name = str(raw.get("name") or _slug(name) or "sweep")
-    if not SAFE_NAME.fullmatch(spec_name) or set(spec_name) == {"."}:
+    # the default sweep folder is sweeps/<name>: a new spec's name must not leave it (a stored
+    # spec, read with check=False, is only read)
+    if check and (not SAFE_NAME.fullmatch(spec_name) or set(spec_name) == {"."}):
         raise SpecError(f"name={spec_name!r}; accepted: letters, digits, '.', '_' and '-' "
                         "(not '.' or '..'), e.g. cartpole-sam")  # fmt: skip
     spec = Spec(name=spec_name, agents=agents, tasks=tasks, seeds=seeds, steps=steps,

@@ -1,7 +1,9 @@
 """The result store: one pandas table with a row per run x evaluation.
 
 Columns: ``run`` (the folder, relative to the sweep), ``task``, ``agent``, ``seed``,
-``label`` (the grid point), one column per grid field, ``step`` (agent steps), ``env_steps``,
+``label`` (the grid point: runs of different agents or configs never share one), one column
+per grid field, ``episode_length`` and ``action_repeat`` (the run's env options; None: the
+suite's default), ``step`` (agent steps), ``env_steps``,
 ``return``, ``sharpness`` (world-model first-order sharpness), ``value_error``,
 ``model_error`` and ``wall_time`` (seconds of training so far). A row is a metrics row on
 which an evaluation or a diagnostic was logged; missing values are NaN.

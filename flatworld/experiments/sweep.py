@@ -1,16 +1,20 @@
 """Run a sweep: every run of a spec, each an ordinary run folder under the sweep folder.
 
     SWEEP/spec.yaml     the spec as given
-    SWEEP/status.json   per run: state, failed attempts, last error (written atomically)
+    SWEEP/status.json   per run: state (pending, running once a worker started it, finished,
+                        failed, interrupted), failed attempts, last error (written atomically)
     SWEEP/logs/<run>.log  each run's output; every start appends a "=== ... start" line
-    SWEEP/<task>/<point>-s<seed>/   the run folders (config.yaml, metrics.csv, checkpoints/)
+    SWEEP/<task>/<point>-s<seed>/   the run folders (config.yaml, metrics.csv, checkpoints/),
+                        named with [A-Za-z0-9._-] only (dmc-walker-walk/sam_rho-0.05-s1)
 
 Runs go to a local process pool (spawned worker processes, a torch thread budget each), or
 with ``ray_address`` to Ray tasks on an existing cluster, each asking for
 the spec's ``num_cpus`` / ``num_gpus``. Started again, a sweep skips finished runs, resumes
 interrupted ones from their checkpoints (`flatworld.runs.train_or_resume`), and reports
 runs that failed ``max_attempts`` times with the end of their log instead of retrying them.
-A lock per run folder means no run is ever run by two processes at once.
+A lock per run folder means no run is ever run by two processes at once. Started again with
+another spec, a sweep folder is refused before anything is written unless the new spec only
+adds runs (`check_same_runs`).
 """
 
 from __future__ import annotations
