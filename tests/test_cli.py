@@ -35,13 +35,7 @@ def test_envs_lists_suites(capsys):
 
 
 def test_train_flags_reach_the_configs(monkeypatch, tmp_path):
-    seen = {}
-
-    def fake_train(run_cfg, agent, agent_cfg, *, agents, progress=True):
-        seen.update(run=run_cfg, agent=agent, cfg=agent_cfg)
-        return tmp_path
-
-    monkeypatch.setattr("flatworld.runs.train", fake_train)
+    seen = fake_train(monkeypatch, tmp_path)
     cli.main(["train", "tdmpc2", "--env", "dmc/cartpole-swingup", "--steps", "5000", "--seed", "3",
               "--wm-optim", "sam", "--rho", "0.1", "--sam-adaptive", "--model-size", "1",
               "--horizon-rho", "0.7", "--sam-scope", "encoder_dynamics"])

@@ -14,17 +14,7 @@ import imageio.v2 as imageio  # noqa: E402
 
 import flatworld.envs as envs  # noqa: E402
 from flatworld.envs.video import VideoRecorder  # noqa: E402
-
-
-def _can_render() -> bool:
-    try:
-        from dm_control import suite
-
-        suite.load("cartpole", "swingup").physics.render(8, 8)
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
+from tests.test_envs import _can_render  # noqa: E402
 
 needs_gl = pytest.mark.skipif(not _can_render(), reason="no headless OpenGL here (MUJOCO_GL=egl)")
 

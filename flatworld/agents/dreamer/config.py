@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flatworld import optim
+from flatworld.agents.dreamer.transformer import POSITIONS
 from flatworld.runs.config import from_dict, pos_int
 
 # DreamerV3 v1's model-size table (the 2023 paper's appendix): GRU units, MLP units and layers,
@@ -24,7 +25,6 @@ SEQUENCE_MODELS = ("rssm", "transformer")  # DreamerV3's GRU; the TWISTER-style 
 # state, latent distributions and losses stay fp32.
 PRECISIONS = ("fp32", "bf16")
 EVAL_POLICIES = ("sample", "mode")  # DreamerV3 v1 samples the actor in evaluation episodes too
-POSITIONS = ("xl", "learned")  # the TSSM's relative positions: Transformer-XL's, or a bias table
 # How the actor learns in imagination: "auto" is DreamerV3's rule (REINFORCE for discrete
 # actions, backpropagation through the dynamics for continuous ones).
 ACTOR_GRADS = ("auto", "reinforce", "dynamics")

@@ -313,19 +313,19 @@ class TSSM(SequenceModel):
         """Every posterior state of a (T, B) batch as (T*B) start states, each with its own
         token and the ``context`` tokens of its episode before it gathered into the cache."""
         steps, batch = post["stoch"].shape[:2]
-        ctx = self.slots
+        slots = self.slots
         start = post["start"].clone()
         start[0] = True
         episode = start.long().cumsum(0)  # (T, B)
 
-        def windows(x: Tensor, fill: float) -> Tensor:  # (T, B, ...) -> (T, B, ..., ctx)
-            pad = torch.full((ctx - 1, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
-            return torch.cat([pad, x]).unfold(0, ctx, 1)
+        def windows(x: Tensor, fill: float) -> Tensor:  # (T, B, ...) -> (T, B, ..., slots)
+            pad = torch.full((slots - 1, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
+            return torch.cat([pad, x]).unfold(0, slots, 1)
 
-        def cache(x: Tensor) -> Tensor:  # (T, B, L, H, hd) -> (L, T*B, H, ctx, hd)
+        def cache(x: Tensor) -> Tensor:  # (T, B, L, H, hd) -> (L, T*B, H, slots, hd)
             # Overlapping windows are views of one another: copy them into a fresh buffer (a
             # reshape could return a view, and a step's in-place write would reach neighbours).
-            w = windows(x.detach(), 0.0).permute(2, 0, 1, 3, 5, 4)  # (L, T, B, H, ctx, hd)
+            w = windows(x.detach(), 0.0).permute(2, 0, 1, 3, 5, 4)  # (L, T, B, H, slots, hd)
             out = x.new_empty(w.shape)
             out.copy_(w)
             return out.flatten(1, 2)
@@ -333,7 +333,7 @@ class TSSM(SequenceModel):
         valid = windows(episode, -1) == episode[..., None]  # (T, B, slots), the last is t
         out = {k: post[k].detach().flatten(0, 1) for k in ("deter", "stoch", "logits", "index")}
         return {**out, "k": cache(post["k"]), "v": cache(post["v"]),
-                "valid": valid.flatten(0, 1), "slot": ctx - 1}  # fmt: skip
+                "valid": valid.flatten(0, 1), "slot": slots - 1}  # fmt: skip
 
 
 # ---- AC-CPC --------------------------------------------------------------------------------
