@@ -19,6 +19,7 @@ adds runs (`check_same_runs`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -145,21 +146,18 @@ def _pool_init(parent: int) -> None:
 
 def execute(job: Job) -> dict[str, Any]:
     """Train or resume one run; never raises. Output goes to the job's log file."""
-    import fcntl
-
     import torch
 
     from flatworld import runs
     from flatworld.agents import AGENTS
+    from flatworld.runs.folder import LockedError, exclusive
 
     t0 = time.time()
     Path(job.log).parent.mkdir(parents=True, exist_ok=True)
-    Path(job.lock).parent.mkdir(parents=True, exist_ok=True)
-    lock = open(job.lock, "w")  # noqa: SIM115  (held for the whole run)
+    lock = contextlib.ExitStack()  # the run's lock, held for the whole run
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
+        lock.enter_context(exclusive(job.lock, job.run_id))
+    except LockedError:
         return {"ok": False, "permanent": False, "seconds": 0.0,
                 "error": f"{job.run_id} is being run by another process (locked)"}  # fmt: skip
     marker = started_marker(job)
@@ -196,7 +194,6 @@ def execute(job: Job) -> dict[str, Any]:
         os.close(saved[1])
         log.close()
         marker.unlink(missing_ok=True)
-        fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
 
 
