@@ -61,11 +61,13 @@ def test_ctrl_c_stops_at_the_episode_end_with_a_checkpoint(reference, tmp_path, 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(reference, tmp_path, capsys):
     run_dir = tmp_path / "run"
+    # What SIGINT did before (ignored in a background job, Python's handler in a terminal).
+    before = signal.getsignal(signal.SIGINT)
     train(run_cfg(run_dir), "fake", FakeConfig(), agents=pressing_ctrl_c(50, 2), progress=False)
     assert [s for s, _ in list_checkpoints(run_dir / "checkpoints")] == [60]
     out = capsys.readouterr().out
     assert "stopped at step 79 without a checkpoint" in out and "(from step 60)" in out
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert signal.getsignal(signal.SIGINT) is before  # put back
     resume(run_dir, agents=FAKE_AGENTS, progress=False)
     assert numbers(run_dir) == numbers(reference)
 
