@@ -125,7 +125,11 @@ class Block(nn.Module):
         heads = (self.heads, self.head_dim)
         u, v = self.u.view(*heads, 1).transpose(-1, -2), self.v.view(*heads, 1).transpose(-1, -2)
         r = self.pos_proj(self.sinusoid.to(q.dtype)).view(-1, *heads).transpose(0, 1)
-        by_distance = (q + v) @ r.transpose(-1, -2)  # (..., H, Tq, ctx + 1)
+        # (q + v) . r per head as one (H, rows, hd) x (H, hd, ctx + 1) product: a broadcast
+        # matmul would expand r to every row first (10x slower in cached imagination).
+        qv = (q + v).movedim(-3, 0)  # (H, ..., Tq, hd)
+        by_distance = (qv.reshape(self.heads, -1, self.head_dim) @ r.transpose(-1, -2))
+        by_distance = by_distance.view(*qv.shape[:-1], -1).movedim(0, -3)  # (..., H, Tq, ctx+1)
         pos = by_distance.gather(-1, dist.expand(*by_distance.shape[:-1], dist.shape[-1]))
         return ((q + u) @ k.transpose(-1, -2) + pos) * scale
 
