@@ -562,7 +562,12 @@ def test_diagnostics_measure_only():
     torch.save(agent.wm_optim.state_dict(), opt_state)
     rng = torch.get_rng_state()
     d = agent.diagnostics(batch, lambda_max=True)
-    assert set(d) == {"wm_loss", "wm_sharpness", "model_error", "wm_lambda_max"}
+    assert set(d) == {"wm_loss", "wm_sharpness", "model_error", "wm_lambda_max", "bound_loss",
+                      "bound_perturbed_loss", "bound_k", "bound_w_norm_sq", "bound_rho"}
+    # the bound's model terms: every world-model parameter, and the radius asked for
+    assert d["bound_k"] == sum(p.numel() for p in agent._wm_params) and d["bound_rho"] == 0.05
+    assert d["wm_sharpness"] == d["bound_perturbed_loss"] - d["bound_loss"]
+    assert agent.diagnostics(batch, rho=0.2)["bound_rho"] == 0.2
     assert all(np.isfinite(v) for v in d.values()) and d["model_error"] >= 0
     assert same(before, all_params(agent))
     assert all(p.grad is None for p in agent.world_model.parameters())

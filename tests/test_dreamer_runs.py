@@ -12,10 +12,9 @@ from flatworld import cli, optim
 from flatworld.agents import AGENTS
 from flatworld.agents.dreamer import DreamerConfig
 from flatworld.runs import RunConfig, resume, train
-from flatworld.runs.logger import read_metrics
+from flatworld.runs.logger import TIMING, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TIMING = {"sps", "wall_s"}
 
 
 def tiny(sam: bool = False, **kw) -> DreamerConfig:

@@ -266,3 +266,46 @@ def test_sharpness_value_correlation_and_arm_changes_equal_scipy_and_rliable(tmp
     assert (low, high) == pytest.approx(tuple(np.asarray(ci["sam"]).reshape(2)))
     assert changes[("sam", "return")][0] == pytest.approx(10.0)
     assert changes[("sam", "value_error")][0] == pytest.approx(0.0)
+
+
+BOUND_FIELDS = ["diag_s", "bound_loss", "bound_perturbed_loss", "bound_k", "bound_w_norm_sq",
+                "bound_rho", "bound_n", "bound_complexity", "bound_value"]  # fmt: skip
+
+
+def test_the_bound_terms_per_arm_and_the_cost_of_the_diagnostics(tmp_path):
+    from flatworld.sharpness import sam_bound
+
+    task, runs = "dmc/cartpole-swingup", []
+    for seed in (1, 2, 3):
+        for sam in (False, True):
+            folder = write_run(tmp_path / f"{'sam' if sam else 'adam'}{seed}", task, seed, sam,
+                               400.0)  # fmt: skip
+            rows = list(csv.DictReader(open(folder / "metrics.csv")))
+            with open(folder / "metrics.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=FIELDS + BOUND_FIELDS)
+                w.writeheader()
+                for i, r in enumerate(rows):
+                    loss = 1.0 + seed + i
+                    b = sam_bound(loss + (0.1 if sam else 0.5), 1000, 50.0 * seed, 0.05,
+                                  5000 * (i + 1))  # fmt: skip
+                    w.writerow({**r, "diag_s": 2.0 * seed, "bound_loss": loss,
+                                "bound_perturbed_loss": b.perturbed_loss, "bound_k": 1000,
+                                "bound_w_norm_sq": b.weight_norm_sq, "bound_rho": 0.05,
+                                "bound_n": b.n, "bound_complexity": b.complexity,
+                                "bound_value": b.value})  # fmt: skip
+            runs.append(folder)
+    text = report(runs, out=tmp_path / "rep", reps=200).read_text()
+    # The final step (i = 2): medians over the 3 seeds are seed 2's values
+    b = sam_bound(1.0 + 2 + 2 + 0.5, 1000, 100.0, 0.05, 15000)
+    row = next(line for line in text.splitlines() if line.startswith("| adam | 3 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:] == ["5", "5.5", "1000", "100", "0.05", "15000",
+                         f"{b.complexity:.3g}", f"{b.value:.3g}"]  # fmt: skip
+    assert next(line for line in text.splitlines() if line.startswith("| sam, rho=0.05 | 3 |"))
+    assert "not the value-estimation gap" in text and "vacuous" in text
+    # Cost: 2, 4, 6 s per diagnostic step, 3 diagnostic steps per run of 300 s and 15,000 steps
+    per_step = [(300 - 3 * d) / 15000 for d in (2.0, 4.0, 6.0)]
+    at_default = np.median([d / (d + p * 10_000) for d, p in zip((2.0, 4.0, 6.0), per_step,
+                                                                  strict=True)])  # fmt: skip
+    assert "took 4 s (median over 6 runs; range 2–6 s), 4% of the runs' wall time" in text
+    assert f"that is {100 * at_default:.2g}% of training time" in text

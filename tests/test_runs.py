@@ -14,10 +14,12 @@ import pytest
 import torch
 import yaml
 
+from flatworld import sharpness
 from flatworld.agents import AgentEntry
 from flatworld.runs import ReplayBuffer, RunConfig, evaluate, from_dict, read_config, resume, train
 from flatworld.runs.checkpoint import list_checkpoints, load_checkpoint
 from flatworld.runs.folder import config_dict
+from flatworld.runs.logger import TIMING
 from flatworld.runs.protocol import Agent
 
 # -- replay -----------------------------------------------------------------------------------
@@ -191,10 +193,12 @@ class FakeAgent:
         self.n += 1
         return {"loss": float(err.pow(2).mean()), "w_norm": float(self.W.norm())}
 
-    def diagnostics(self, batch, lambda_max=False):
-        err = batch["obs"][0] @ self.v - batch["reward"].sum(0).squeeze(-1)
-        out = {"wm_loss": float(err.pow(2).mean()), "wm_sharpness": float(err.abs().max()),
-               "model_error": float(self.W.abs().mean())}  # fmt: skip
+    def diagnostics(self, batch, lambda_max=False, rho=0.05):
+        s0, ret = batch["obs"][0], batch["reward"].sum(0).squeeze(-1)
+        err = s0 @ self.v - ret
+        out = {"wm_loss": float(err.pow(2).mean()), "model_error": float(self.W.abs().mean())}
+        v = self.v.clone().requires_grad_()  # the value weights, as the "world model" measured
+        out.update(sharpness.training_diagnostics(lambda: (s0 @ v - ret).pow(2).mean(), [v], rho))
         if lambda_max:
             out["wm_lambda_max"] = float(self.v.norm())
         return out
@@ -227,7 +231,7 @@ def run_cfg(run_dir: Path, **kw) -> RunConfig:
 def numbers(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return [{k: v for k, v in r.items() if k not in ("sps", "wall_s")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
 def final_agent(run_dir: Path) -> dict[str, Any]:
@@ -277,7 +281,7 @@ def test_run_folder_layout(reference):
     assert [int(r["step"]) for r in eval_rows] == [50, 100, 150, 200]
     assert all(float(r["value_error"]) >= 0 and r["value_pred"] for r in eval_rows)
     diag = [int(r["step"]) for r in rows if r["wm_loss"]]
-    assert diag == list(range(40, 201, 20))  # from the first update on
+    assert diag == list(range(60, 201, 20))  # from the first evaluation (its episodes) on
     assert all(r["wm_lambda_max"] for r in rows if r["wm_loss"])
     assert rows[0]["train/loss"] == "" and rows[3]["train/loss"] != ""
     ckpts = list_checkpoints(reference / "checkpoints")
@@ -285,6 +289,50 @@ def test_run_folder_layout(reference):
     assert any((reference / "tb").iterdir())
     with pytest.raises(FileExistsError, match="resume"):
         train(run_cfg(reference), "fake", FakeConfig(), agents=FAKE_AGENTS, progress=False)
+
+
+def test_diagnostics_measure_held_out_windows_at_the_runs_radius(reference, tmp_path):
+    # The diagnostics batch is windows of evaluation episodes: none of its observations is
+    # one the agent trained on (the replay's).
+    state = final_agent(reference)
+    held, replay = state["diag_batch"]["obs"].flatten(0, 1), state["replay_obs"]
+    assert held.shape == (8 * 4, 5)
+    assert not (held[:, None, :] == replay[None]).all(-1).any()
+    # The bound's value from the logged terms, n the rows of the replay at that step
+    rows = [r for r in numbers(reference) if r["bound_value"]]
+    assert [int(r["step"]) for r in rows] == list(range(60, 201, 20))
+    for r in rows:
+        step, n = int(r["step"]), int(float(r["bound_n"]))
+        assert step < n <= step + step // 20 + 1  # a row per step and per episode start
+        assert float(r["bound_rho"]) == 0.05 and float(r["bound_k"]) == 5
+        b = sharpness.sam_bound(float(r["bound_perturbed_loss"]), 5,
+                                float(r["bound_w_norm_sq"]), 0.05, n)  # fmt: skip
+        assert float(r["bound_complexity"]) == pytest.approx(b.complexity, rel=1e-12)
+        assert float(r["bound_value"]) == pytest.approx(b.value, rel=1e-12)
+        assert float(r["wm_sharpness"]) == pytest.approx(
+            float(r["bound_perturbed_loss"]) - float(r["bound_loss"]))
+    # Another radius: the run's diag_rho, whatever the agent's own
+    other = tmp_path / "rho"
+    train(run_cfg(other, steps=60, diag_rho=0.2), "fake", FakeConfig(), agents=FAKE_AGENTS,
+          progress=False)  # fmt: skip
+    assert {r["bound_rho"] for r in numbers(other) if r["bound_value"]} == {"0.2"}
+    with pytest.raises(ValueError, match="RunConfig.diag_rho=0.0: expected a finite number > 0"):
+        run_cfg(other, diag_rho=0.0).validate()
+
+
+def test_evaluation_episodes_can_be_recorded(tmp_path):
+    from flatworld import envs
+    from flatworld.runs.episodes import run_episodes
+
+    env = envs.make("dmc/cartpole-swingup", episode_length=20)
+    agent = FakeAgent(FakeConfig(), (5,), 1, 20, "cpu")
+    store = ReplayBuffer(100, (5,), 1)
+    out = run_episodes(env, agent, [1, 2, 3], record=store)
+    assert store.size == 3 * 21 and store.num_episodes == 3  # the first obs and 20 steps each
+    rewards = store.reward[: store.size].reshape(3, 21)
+    assert rewards[:, 0].eq(0).all() and store.first[: store.size].sum() == 3
+    assert rewards[:, 1:].sum(1).tolist() == pytest.approx(out["returns"])
+    env.close()
 
 
 def test_kill_and_resume_is_bit_identical(reference, tmp_path):

@@ -14,7 +14,7 @@ import torch
 from flatworld.agents import AgentEntry
 from flatworld.runs import ReplayBuffer, RunConfig, resume, train
 from flatworld.runs.checkpoint import list_checkpoints
-from flatworld.runs.logger import read_metrics
+from flatworld.runs.logger import TIMING, read_metrics
 
 
 @dataclass
@@ -45,7 +45,7 @@ class SeqAgent:
         self.mean += 0.1 * (batch["obs"].mean((0, 1)) - self.mean)
         return {"loss": (batch["obs"] - self.mean).pow(2).mean()}  # a tensor, read when logged
 
-    def diagnostics(self, batch, lambda_max=False):
+    def diagnostics(self, batch, lambda_max=False, rho=0.05):
         return {"wm_loss": float((batch["obs"] - self.mean).pow(2).mean())}
 
     def value(self, obs):
@@ -70,7 +70,7 @@ def cfg(run_dir: Path, **kw) -> RunConfig:
 
 
 def numbers(run_dir):
-    return [{k: v for k, v in r.items() if k not in ("sps", "wall_s")}
+    return [{k: v for k, v in r.items() if k not in TIMING}
             for r in read_metrics(run_dir / "metrics.csv")]
 
 

@@ -17,10 +17,9 @@ from flatworld.agents import AGENTS
 from flatworld.agents.tdmpc2 import TDMPC2Config
 from flatworld.envs import gym_suite
 from flatworld.runs.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from flatworld.runs.logger import read_metrics
+from flatworld.runs.logger import TIMING, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TIMING = {"sps", "wall_s"}
 
 
 def tiny(**kw) -> TDMPC2Config:

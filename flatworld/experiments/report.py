@@ -104,6 +104,12 @@ def normalizer(task: str, episode_length: Any = None, action_repeat: Any = None
     return (lambda s: s), "raw return"
 
 
+# The SAM bound's columns (store names) and how the report names them.
+BOUND_TERMS = ("bound_loss", "bound_perturbed_loss", "bound_k", "bound_w_norm_sq", "bound_rho",
+               "bound_n", "bound_complexity", "bound")  # fmt: skip
+BOUND_NAMES = ("L_S(w)", "L_S(w + e)", "k", "|w|²", "rho", "n", "complexity", "bound")
+
+
 def finals(frame: Any) -> Any:
     """One row per run: the last finite value of each metric, and the env steps of the last
     evaluation."""
@@ -112,12 +118,17 @@ def finals(frame: Any) -> Any:
     keys = [c for c in frame.columns if c not in ("step", "env_steps", *store.METRIC_COLUMNS
                                                   .values())]  # fmt: skip
     out = []
+    lasts = ("return", "sharpness", "value_error", "model_error", "wall_time", *BOUND_TERMS)
     for _, g in frame.groupby("run", sort=False):
         g = g.sort_values("step")
         row = {k: g[k].iloc[0] for k in keys}
-        for col in ("return", "sharpness", "value_error", "model_error", "wall_time"):
-            vals = g[col].dropna()
+        for col in lasts:
+            vals = g[col].dropna() if col in g else ()
             row[col] = float(vals.iloc[-1]) if len(vals) else float("nan")
+        diag = g["diag_s"].dropna() if "diag_s" in g else ()
+        row["diag_s"] = float(np.median(diag)) if len(diag) else float("nan")
+        row["diag_total_s"] = float(np.sum(diag)) if len(diag) else float("nan")
+        row["steps"] = int(g["step"].iloc[-1])
         evals = g.dropna(subset=["return"])
         row["env_steps"] = int(evals["env_steps"].iloc[-1]) if len(evals) else 0
         norm, _ = normalizer(row["task"], row.get("episode_length"), row.get("action_repeat"))
@@ -745,6 +756,8 @@ def report(sources: Any, out: str | Path | None = None, title: str = "", reps: i
         figures.append(("World-model sharpness and value error against final score, one "
                         "point per run", "mechanism.png"))
     lines += mechanism_section(frame, fin, labels, tasks, base, out, reps, seed, figures)
+    lines += bound_section(fin, labels)
+    lines += diagnostics_cost(fin)
     for ref, on in drawn.items():
         lines += [f"{ref.style_name.capitalize()}: published {ref.name} ({ref.source}; shipped "
                   f"in flatworld/experiments/data/{ref.folder}), on {', '.join(on)}: the mean "
@@ -822,6 +835,62 @@ def mechanism_section(frame: Any, fin: Any, labels: list[str], tasks: list[str],
     elif base is None:
         lines += ["No per-arm change: the report has no single Adam arm to compare with.", ""]
     return lines
+
+
+def bound_section(fin: Any, labels: list[str]) -> list[str]:
+    """The SAM bound's terms per arm at each run's last diagnostic step (medians over runs)."""
+    have = fin[fin["bound"].notna()] if "bound" in fin else fin.iloc[:0]
+    lines = ["## The SAM bound (Foret et al. 2021, Theorem 1)", ""]
+    if have.empty:
+        return lines + ["No run logged the bound's terms (runs from before they were logged, "
+                        "or no diagnostic step after an evaluation).", ""]  # fmt: skip
+    lines += ["Its terms at each run's last diagnostic step, the median over the arm's runs: "
+              "the world model's training loss on the held-out batch L_S(w), the loss at the "
+              "first-order ascent point L_S(w + e) (|e| = rho, an estimate from below of the "
+              "max over the ball), k parameters, their squared norm |w|², the radius rho, n "
+              "rows of replay, the complexity term (delta = 0.05) and the bound "
+              "L_S(w + e) + complexity.", "",
+              "| arm | runs | " + " | ".join(BOUND_NAMES) + " |",
+              "|---|---|" + "---|" * len(BOUND_NAMES)]  # fmt: skip
+    for lab in labels:
+        g = have[have["label"] == lab]
+        if g.empty:
+            continue
+        cells = [_g(float(np.median(g[c]))) for c in BOUND_TERMS]
+        lines.append(f"| {lab} | {len(g)} | " + " | ".join(cells) + " |")
+    vacuous = bool((have["bound_complexity"] >= 1).all())
+    lines += ["", "What it says: with probability 0.95 over the draw of the training data, the "
+              "world model's expected loss is at most the bound, if the theorem's assumptions "
+              "hold. They do not quite: the theorem is for a loss in [0, 1] and i.i.d. "
+              "examples; a world model's loss is unbounded and replay rows are neither "
+              "independent nor identically distributed. It bounds the world model's loss, "
+              "not the value-estimation gap (the paper's own theorem is not evaluated here). "
+              + ("Every run's complexity term is >= 1: the bound is vacuous (it would be for a "
+                 "[0, 1] loss too), as it is wherever k is far above n; compare arms by "
+                 "L_S(w + e) - L_S(w), the sharpness, not by the bound's value." if vacuous
+                 else "Where the complexity term is >= 1 the bound is vacuous."), ""]
+    return lines
+
+
+def diagnostics_cost(fin: Any) -> list[str]:
+    """Seconds per diagnostic step and their share of the runs' wall time, as run and at the
+    default diag_every."""
+    from flatworld.runs.config import EVERY
+
+    g = fin[fin["diag_s"].notna() & (fin["wall_time"] > 0)] if "diag_s" in fin else fin[:0]
+    if g.empty:
+        return []
+    per = g["diag_s"].to_numpy(float)
+    share = g["diag_total_s"].to_numpy(float) / g["wall_time"].to_numpy(float)
+    per_step = (g["wall_time"] - g["diag_total_s"]).to_numpy(float) / g["steps"].to_numpy(float)
+    at_default = per / (per + per_step * EVERY)
+    return ["## What the diagnostics cost", "",
+            "A diagnostic step (sharpness and the bound on the held-out batch, and "
+            f"lambda_max where a run asked for it) took {_g(float(np.median(per)))} s (median over {len(g)} runs; range "
+            f"{_g(float(per.min()))}–{_g(float(per.max()))} s), {100 * np.median(share):.2g}% "
+            f"of the runs' wall time as they ran. At the default diag_every of {EVERY:,} "
+            f"steps that is {100 * np.median(at_default):.2g}% of training time (each run's "
+            "seconds per step without diagnostics).", ""]  # fmt: skip
 
 
 # -- helpers kept for callers of the earlier report ------------------------------------------

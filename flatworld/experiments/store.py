@@ -23,6 +23,16 @@ METRIC_COLUMNS = {  # metrics.csv column -> store column
     "value_error": "value_error",
     "model_error": "model_error",
     "wall_s": "wall_time",
+    "diag_s": "diag_s",
+    # the SAM bound at each diagnostic step (flatworld.sharpness.bound)
+    "bound_loss": "bound_loss",
+    "bound_perturbed_loss": "bound_perturbed_loss",
+    "bound_k": "bound_k",
+    "bound_w_norm_sq": "bound_w_norm_sq",
+    "bound_rho": "bound_rho",
+    "bound_n": "bound_n",
+    "bound_complexity": "bound_complexity",
+    "bound_value": "bound",
 }
 
 

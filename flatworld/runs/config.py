@@ -105,7 +105,12 @@ class RunConfig:
                 "many steps, a multiple of --eval-every (needs the video extra). Default: 0, "
                 "no video"})
     diag_every: int | None = field(default=None, metadata={
-        "help": f"default: {EVERY}, rounded up to a multiple of --log-every"})
+        "help": "world-model sharpness and the SAM bound on windows of the latest evaluation's "
+                f"episodes (held out: never in the replay). Default: {EVERY}, rounded up to a "
+                "multiple of --log-every"})
+    diag_rho: float = field(default=0.05, metadata={
+        "help": "the radius at which diagnostics measure world-model sharpness and the SAM "
+                "bound, the same for every arm whatever its own --rho. Default: 0.05"})
     lambda_max: bool = False  # also log lambda_max of the world-model Hessian (slow)
     checkpoint_every: int = 50_000  # rounded up to the next episode end
     time_limit_s: float | None = field(default=None, metadata={
@@ -175,6 +180,9 @@ class RunConfig:
         need(limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool)
                                and math.isfinite(limit) and limit > 0),
              "time_limit_s", "None or a number of seconds > 0")  # fmt: skip
+        need(isinstance(self.diag_rho, (int, float)) and not isinstance(self.diag_rho, bool)
+             and math.isfinite(self.diag_rho) and self.diag_rho > 0, "diag_rho",
+             "a finite number > 0")  # fmt: skip
         need(isinstance(self.lambda_max, bool), "lambda_max", "True or False")
         need(self.seed_burst in (None, True, False), "seed_burst",
              "None (the agent's default), True or False")  # fmt: skip

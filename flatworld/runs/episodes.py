@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from gymnasium import spaces as gym_spaces
 
 from flatworld.runs.protocol import Agent
+
+if TYPE_CHECKING:
+    from flatworld.runs.replay import ReplayBuffer
 
 # Seed streams: every random draw of a run comes from derive_seed(run seed, stream, ...).
 TRAIN, EVAL, ACTIONS, REPLAY, DIAG, EVALUATE = range(6)
@@ -36,13 +39,14 @@ def _discounted(rewards: list[float], discount: float) -> float:
 
 def run_episodes(
     env: Any, agent: Agent, seeds: list[int], value: bool = True, progress: bool = False,
-    video: str | Path | None = None,
+    video: str | Path | None = None, record: ReplayBuffer | None = None,
 ) -> dict[str, float | list[float]]:
     """Evaluation episodes (eval_mode=True), one per seed. The value-prediction error compares
     agent.value(first obs) with the discounted return realised from it (agent.discount).
 
     `progress`: a bar over the episodes. `video`: an MP4 path for the first episode, one frame
-    of `env.render()` after the reset and after every step (length + 1 frames).
+    of `env.render()` after the reset and after every step (length + 1 frames). `record`: a
+    replay buffer that receives every episode's transitions (the loop's held-out store).
     """
     from tqdm import tqdm
 
@@ -51,6 +55,8 @@ def run_episodes(
                dynamic_ncols=True)  # fmt: skip
     for i, seed in enumerate(bar):
         obs, _ = env.reset(seed=seed)
+        if record is not None:
+            record.start_episode(obs)
         obs = np.asarray(obs, np.float32)
         if value:
             preds.append(float(agent.value(obs)))
@@ -62,6 +68,8 @@ def run_episodes(
             while not done:
                 action = agent.act(obs, t0=t == 0, eval_mode=True)
                 obs, r, term, trunc, _ = env.step(env_action(env, action))
+                if record is not None:
+                    record.add(obs, action, r, term)
                 obs = np.asarray(obs, np.float32)
                 rewards.append(float(r))
                 done, t = term or trunc, t + 1

@@ -23,8 +23,14 @@ WANDB_ID_FILE = "wandb-id.txt"
 COLUMNS = (
     "step", "env_steps", "episode", "updates", "episode_return", "episode_length",
     "eval_return", "eval_return_std", "eval_length", "eval_discounted_return", "value_pred",
-    "value_error", "wm_loss", "wm_sharpness", "model_error", "wm_lambda_max", "sps", "wall_s",
+    "value_error", "wm_loss", "wm_sharpness", "model_error", "wm_lambda_max",
+    # the SAM bound's terms and value at each diagnostic step (flatworld.sharpness.bound)
+    "bound_loss", "bound_perturbed_loss", "bound_k", "bound_w_norm_sq", "bound_rho", "bound_n",
+    "bound_delta", "bound_complexity", "bound_value",
+    "diag_s", "sps", "wall_s",
 )  # fmt: skip
+# Columns that time the run: they differ between two runs that are otherwise bit-identical.
+TIMING = ("diag_s", "sps", "wall_s")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, str]]:

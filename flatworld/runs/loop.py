@@ -362,15 +362,17 @@ class Loop:
         a = torch.rand(self.action_dim, generator=self.action_gen) * 2 - 1
         return a.numpy().astype(np.float32)
 
-    def _sample(self, **kw: Any) -> dict[str, torch.Tensor]:
+    def _sample(self, buffer: ReplayBuffer | None = None, **kw: Any) -> dict[str, torch.Tensor]:
+        buffer = buffer or self.buffer
         if self.seq_len is not None:
-            return self.buffer.sample_sequences(self.agent.batch_size, self.seq_len, **kw)
-        return self.buffer.sample(self.agent.batch_size, self.agent.horizon, **kw)
+            return buffer.sample_sequences(self.agent.batch_size, self.seq_len, **kw)
+        return buffer.sample(self.agent.batch_size, self.agent.horizon, **kw)
 
-    def _can_update(self) -> bool:
+    def _can_update(self, buffer: ReplayBuffer | None = None) -> bool:
+        buffer = buffer or self.buffer
         if self.seq_len is not None:
-            return self.buffer.can_sample_sequences(self.seq_len)
-        return self.buffer.can_sample(self.agent.horizon)
+            return buffer.can_sample_sequences(self.seq_len)
+        return buffer.can_sample(self.agent.horizon)
 
     def _updates_due(self) -> int:
         """Updates this step: the train ratio's credit, spent in whole updates."""
@@ -381,10 +383,6 @@ class Loop:
 
     def _update(self) -> None:
         agent = self.agent
-        if self.diag_batch is None:
-            # Sampled once, from its own stream, so it does not shift the training samples.
-            gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, DIAG))
-            self.diag_batch = self._sample(generator=gen)
         # Sampled into the previous update's batch: the loop allocates its batch once.
         batch = self._batch = self._sample(device=self.cfg.device, out=self._batch)
         # Metrics may be tensors: summed where they live and read back only when a row is
@@ -417,15 +415,42 @@ class Loop:
         if cfg.video_every and self.step % cfg.video_every == 0:
             video = self.run_dir / "videos" / f"step-{self.step}.mp4"
         seeds = [derive_seed(cfg.seed, EVAL, self.step, i) for i in range(n)]
-        out = run_episodes(self.eval_env, self.agent, seeds, progress=progress, video=video)
+        held_out = self._held_out_store()
+        out = run_episodes(self.eval_env, self.agent, seeds, progress=progress, video=video,
+                           record=held_out)  # fmt: skip
         out.pop("returns")
+        if self._can_update(held_out):
+            # The diagnostics batch: windows of these evaluation episodes, which never enter
+            # the replay, so the world model is measured on data it was not trained on. Drawn
+            # from its own stream, so it shifts no other draw.
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, DIAG, self.step))
+            self.diag_batch = self._sample(held_out, generator=gen)
         return out
+
+    def _held_out_store(self) -> ReplayBuffer:
+        """Where evaluation episodes are recorded for the diagnostics batch: the last rows of
+        them, enough for two batches (at least 2,000)."""
+        rows = self.agent.batch_size * (self.seq_len or self.agent.horizon + 1)
+        space = self.env.observation_space
+        return ReplayBuffer(max(2_000, 2 * rows), tuple(space.shape), self.action_dim,
+                            space.dtype)  # fmt: skip
 
     def _diagnostics(self) -> dict[str, float]:
         assert self.diag_batch is not None
+        tick = time.perf_counter()
         batch = {k: v.to(self.cfg.device) for k, v in self.diag_batch.items()}
-        out = self.agent.diagnostics(batch, lambda_max=self.cfg.lambda_max)
-        return {k: float(v) for k, v in out.items()}
+        out = self.agent.diagnostics(batch, lambda_max=self.cfg.lambda_max,
+                                     rho=self.cfg.diag_rho)  # fmt: skip
+        out = {k: float(v) for k, v in out.items()}
+        if {"bound_perturbed_loss", "bound_k", "bound_w_norm_sq"} <= out.keys():
+            from flatworld.sharpness import sam_bound
+
+            bound = sam_bound(out["bound_perturbed_loss"], int(out["bound_k"]),
+                              out["bound_w_norm_sq"], self.cfg.diag_rho, max(len(self.buffer), 2))
+            out.update(bound_n=float(bound.n), bound_delta=bound.delta,
+                       bound_complexity=bound.complexity, bound_value=bound.value)  # fmt: skip
+        out["diag_s"] = time.perf_counter() - tick
+        return out
 
     def _row(self, extra: dict[str, Any], sps: float) -> dict[str, Any]:
         repeat = getattr(self.env, "action_repeat", 1)

@@ -31,9 +31,13 @@ class Agent(Protocol):
         """One agent update; returns scalar metrics."""
         ...
 
-    def diagnostics(self, batch: dict[str, Tensor], lambda_max: bool = False) -> dict[str, float]:
-        """Measure only (weights, grads, optimizer state untouched) on a fixed held-out batch:
-        "wm_loss", "wm_sharpness", "model_error", optionally "wm_lambda_max"."""
+    def diagnostics(self, batch: dict[str, Tensor], lambda_max: bool = False,
+                    rho: float = 0.05) -> dict[str, float]:  # fmt: skip
+        """Measure only (weights, grads, optimizer state untouched) on a held-out batch (from
+        evaluation episodes, never in the replay): "wm_loss", "wm_sharpness" at radius `rho`,
+        "model_error", optionally "wm_lambda_max", and the SAM bound's terms from the model
+        ("bound_loss", "bound_perturbed_loss", "bound_k", "bound_w_norm_sq", "bound_rho";
+        flatworld.sharpness.training_diagnostics returns them all)."""
         ...
 
     def value(self, obs: np.ndarray) -> float:

@@ -52,6 +52,25 @@ def first_order(
     """L(w + e) - L(w) with SAM's ascent step e = rho g/|g| (adaptive: rho T^2 g/|T g|,
     T = |w| + eta on weight matrices). `loss_fn()` computes the loss on a fixed batch and
     must not call backward; weights and `.grad` are left exactly as found."""
+    loss, perturbed = _first_order_point(loss_fn, params, rho, adaptive, eta)
+    return (perturbed - loss).item()
+
+
+def first_order_losses(
+    loss_fn: LossFn,
+    params: Iterable[Tensor],
+    rho: float = 0.05,
+    adaptive: bool = False,
+    eta: float = 0.01,
+) -> tuple[float, float]:
+    """(L(w), L(w + e)) at `first_order`'s ascent point: the two losses whose difference is
+    the sharpness, and the second the SAM bound's estimate of max_{|e| <= rho} L(w + e)."""
+    loss, perturbed = _first_order_point(loss_fn, params, rho, adaptive, eta)
+    return loss.item(), perturbed.item()
+
+
+def _first_order_point(loss_fn: LossFn, params: Iterable[Tensor], rho: float, adaptive: bool,
+                       eta: float) -> tuple[Tensor, Tensor]:  # fmt: skip
     params, rho = check_params(params), check_rho(rho)
     scale = adaptive_scale(params, eta) if adaptive else None
     with preserved(params) as saved:
@@ -63,7 +82,7 @@ def first_order(
         set_perturbed(params, saved, e)
         with torch.no_grad():
             perturbed = scalar_loss(loss_fn)
-    return (perturbed.detach() - loss.detach()).item()
+    return loss.detach(), perturbed.detach()
 
 
 def m_sharpness(

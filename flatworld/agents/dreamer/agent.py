@@ -199,9 +199,8 @@ class DreamerAgent:
                               self.critic_optim)  # fmt: skip
 
     # ---- measurement only: weights, gradients, optimizer state and the RNG are untouched ----
-    def diagnostics(self, batch: dict[str, Tensor], lambda_max: bool = False) -> dict[str, float]:
-        sam = self.cfg.wm_optim.sam
-        rho = float(sam.rho) if sam is not None and sam.rho > 0 else 0.05
+    def diagnostics(self, batch: dict[str, Tensor], lambda_max: bool = False,
+                    rho: float = sharpness.DIAG_RHO) -> dict[str, float]:  # fmt: skip
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             data = self.prepare(batch)

@@ -242,9 +242,8 @@ class TDMPC2Agent:
                 "pi_scale": self.scale.value[0].clone()}  # fmt: skip
 
     # Measurement only: weights, gradients, optimizer state and the global RNG are untouched.
-    def diagnostics(self, batch: dict[str, Tensor], lambda_max: bool = False) -> dict[str, float]:
-        sam = self.cfg.wm_optim.sam
-        rho = float(sam.rho) if sam is not None else 0.05
+    def diagnostics(self, batch: dict[str, Tensor], lambda_max: bool = False,
+                    rho: float = sharpness.DIAG_RHO) -> dict[str, float]:  # fmt: skip
         was_training = self.model.training
         self.model.eval()  # no dropout: the loss is a deterministic function of the weights
         devices = [self.device] if self.device.type == "cuda" else []
