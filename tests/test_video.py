@@ -129,3 +129,44 @@ def test_the_file_appears_only_when_closed(tmp_path):
     video.close()
     assert [p.name for p in tmp_path.iterdir()] == ["ep.mp4"]
     assert read_back(tmp_path / "ep.mp4").shape == (3, 16, 16, 3)
+
+
+def test_an_env_that_cannot_render_is_refused_before_a_run_starts(tmp_path, capsys):
+    """A missing renderer (gymnasium's classic control without pygame) or a renderer that does
+    not start: one line, before the run folder exists and before evaluation plays."""
+    from gymnasium.error import DependencyNotInstalled
+
+    from flatworld.cli import main
+    from flatworld.envs.gym_suite import MissingDependencyError
+    from flatworld.envs.video import check_renders
+
+    class Unrenderable:
+        def __init__(self, err):
+            self.err, self.resets = err, []
+
+        def reset(self, seed=None):
+            self.resets.append(seed)
+
+        def render(self):
+            raise self.err
+
+    env = Unrenderable(DependencyNotInstalled('pygame is not installed, run `pip install '
+                                              '"gymnasium[classic-control]"`'))  # fmt: skip
+    with pytest.raises(MissingDependencyError, match=r"gym/X cannot draw video frames here: "
+                                                     r"pygame is not installed"):  # fmt: skip
+        check_renders(env, "gym/X")
+    assert env.resets == [0]
+    with pytest.raises(ValueError, match=r"\(RuntimeError: no display\); MuJoCo tasks render "
+                                         "headless with MUJOCO_GL=egl"):  # fmt: skip
+        check_renders(Unrenderable(RuntimeError("no display")), "dmc/y")
+    if importlib.util.find_spec("pygame") is not None:
+        return  # CartPole renders here: the refusal below cannot be seen
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        main(["train", "dreamer", "--env", "gym/CartPole-v1", "--steps", "200", "--model-size",
+              "XS", "--eval-every", "100", "--log-every", "100", "--video-every", "100",
+              "--run-dir", str(run_dir), "--no-progress", "--seeding-only"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: flatworld train") and len(err) == 2, err  # argparse's form
+    assert "gym/CartPole-v1 cannot draw video frames here" in err[1] and "pygame" in err[1]
+    assert not run_dir.exists()

@@ -113,3 +113,20 @@ class VideoRecorder:
             self.close()
         else:  # a failed episode leaves no video behind
             self._discard()
+
+
+def check_renders(env: Any, env_id: str) -> None:
+    """Fail now, in one line, where `env` cannot draw frames here: before a run writes its
+    folder or an evaluation plays its episodes, not at the first video. Resets `env` once."""
+    from gymnasium.error import DependencyNotInstalled
+
+    try:
+        env.reset(seed=0)
+        env.render()
+    except (ImportError, DependencyNotInstalled) as err:
+        raise MissingDependencyError(f"{env_id} cannot draw video frames here: {err}") from err
+    except Exception as err:  # a renderer that does not start: GL, display
+        raise ValueError(
+            f"{env_id} cannot draw video frames here ({type(err).__name__}: {err}); MuJoCo "
+            "tasks render headless with MUJOCO_GL=egl (libegl1) or MUJOCO_GL=osmesa"
+        ) from err

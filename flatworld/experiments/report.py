@@ -886,7 +886,8 @@ def diagnostics_cost(fin: Any) -> list[str]:
     at_default = per / (per + per_step * EVERY)
     return ["## What the diagnostics cost", "",
             "A diagnostic step (sharpness and the bound on the held-out batch, and "
-            f"lambda_max where a run asked for it) took {_g(float(np.median(per)))} s (median over {len(g)} runs; range "
+            f"lambda_max where a run asked for it) took {_g(float(np.median(per)))} s "
+            f"(median over {len(g)} runs; range "
             f"{_g(float(per.min()))}–{_g(float(per.max()))} s), {100 * np.median(share):.2g}% "
             f"of the runs' wall time as they ran. At the default diag_every of {EVERY:,} "
             f"steps that is {100 * np.median(at_default):.2g}% of training time (each run's "

@@ -82,6 +82,10 @@ def evaluate(run_dir: str | Path, *, agents: Agents, episodes: int | None = None
         seed = run_cfg.seed if seed is None else seed
         torch.manual_seed(derive_seed(seed, EVALUATE))
         seeds = [derive_seed(seed, EVALUATE, i) for i in range(episodes)]
+        if video is not None:
+            from flatworld.envs.video import check_renders
+
+            check_renders(env, run_cfg.env)
         out = run_episodes(env, agent, seeds, progress=progress, video=video)
     if run_cfg.env.startswith("atari/"):
         out.update(_human_normalized(run_cfg.env, out))

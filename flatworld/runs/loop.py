@@ -115,6 +115,10 @@ class Loop:
         try:
             self.env = make(cfg.env, seed=cfg.seed, **cfg.env_options)
             self.eval_env = make(cfg.env, seed=derive_seed(cfg.seed, EVAL), **cfg.env_options)
+            if cfg.video_every:
+                from flatworld.envs.video import check_renders
+
+                check_renders(self.eval_env, cfg.env)  # every evaluation episode is seeded
             self._build(cfg, entry, agent_name, agent_cfg, replay)
         except BaseException:
             self.close()
