@@ -1,8 +1,8 @@
 """The command line end to end on a tiny run (dmc/cartpole-swingup, a tiny DreamerV3; gym's
 CartPole needs pygame to render, which is not a dependency): --config,
 --no-progress lines, training and `flatworld eval` videos, the eval flags, the suite's
-evaluation protocol and the optional W&B logger (a stand-in module: wandb is not installed
-here)."""
+evaluation protocol and the optional W&B logger (a stand-in module, and the real package in
+offline mode where it is installed)."""
 
 from __future__ import annotations
 
@@ -114,6 +114,33 @@ def test_wandb_gets_every_row_and_the_config(cartpole_run, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", wandb.module)
     MetricsLog(run_dir, tensorboard=False, resume_step=40, wandb_project="flatworld-t").close()
     assert wandb.inits[-1]["id"] == run_id
+
+
+def test_wandb_offline_with_the_real_package(tmp_path, monkeypatch):
+    """Where wandb is installed (`pip install 'flatworld[wandb]'`; CI does not install it):
+    WANDB_MODE=offline writes the run, its config and every logged value under the run
+    folder, and a resumed folder logs to the same W&B run id."""
+    import re
+
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"run": {"env": "dmc/cartpole-x"}}))
+    for steps, resume_step in (((10, 20), None), ((30,), 20)):
+        log = MetricsLog(run_dir, tensorboard=False, resume_step=resume_step,
+                         wandb_project="flatworld-t")  # fmt: skip
+        for step in steps:
+            log.write({"step": step, "eval_return": float(step) + 0.5})
+        log.close()
+    run_id = (run_dir / WANDB_ID_FILE).read_text().strip()
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert offline and all(d.name.endswith(f"-{run_id}") for d in offline)
+    data = b"".join((d / f"run-{run_id}.wandb").read_bytes() for d in offline)
+    assert b"dmc/cartpole-x" in data  # the config
+    for value in (b"10.5", b"20.5", b"30.5"):  # each row's value, as W&B's history holds it
+        assert re.search(rb"eval_return.{1,4}" + re.escape(value), data), value
 
 
 def test_eval_flags_video_and_progress(cartpole_run, tmp_path, capsys):
