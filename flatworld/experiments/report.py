@@ -107,7 +107,8 @@ def normalizer(task: str, episode_length: Any = None, action_repeat: Any = None
 # The SAM bound's columns (store names) and how the report names them.
 BOUND_TERMS = ("bound_loss", "bound_perturbed_loss", "bound_k", "bound_w_norm_sq", "bound_rho",
                "bound_n", "bound_complexity", "bound")  # fmt: skip
-BOUND_NAMES = ("L_S(w)", "L_S(w + e)", "k", "|w|²", "rho", "n", "complexity", "bound")
+# (no "|" in a name: they head a markdown table)
+BOUND_NAMES = ("L_S(w)", "L_S(w + e)", "k", "‖w‖²", "rho", "n", "complexity", "bound")
 
 
 def finals(frame: Any) -> Any:
@@ -846,8 +847,8 @@ def bound_section(fin: Any, labels: list[str]) -> list[str]:
                         "or no diagnostic step after an evaluation).", ""]  # fmt: skip
     lines += ["Its terms at each run's last diagnostic step, the median over the arm's runs: "
               "the world model's training loss on the held-out batch L_S(w), the loss at the "
-              "first-order ascent point L_S(w + e) (|e| = rho, an estimate from below of the "
-              "max over the ball), k parameters, their squared norm |w|², the radius rho, n "
+              "first-order ascent point L_S(w + e) (‖e‖ = rho, an estimate from below of the "
+              "max over the ball), k parameters, their squared norm ‖w‖², the radius rho, n "
               "rows of replay, the complexity term (delta = 0.05) and the bound "
               "L_S(w + e) + complexity.", "",
               "| arm | runs | " + " | ".join(BOUND_NAMES) + " |",
