@@ -124,9 +124,9 @@ def finals(frame: Any) -> Any:
         g = g.sort_values("step")
         row = {k: g[k].iloc[0] for k in keys}
         for col in lasts:
-            vals = g[col].dropna() if col in g else ()
+            vals = g[col].dropna()
             row[col] = float(vals.iloc[-1]) if len(vals) else float("nan")
-        diag = g["diag_s"].dropna() if "diag_s" in g else ()
+        diag = g["diag_s"].dropna()
         row["diag_s"] = float(np.median(diag)) if len(diag) else float("nan")
         row["diag_total_s"] = float(np.sum(diag)) if len(diag) else float("nan")
         row["steps"] = int(g["step"].iloc[-1])
@@ -840,7 +840,7 @@ def mechanism_section(frame: Any, fin: Any, labels: list[str], tasks: list[str],
 
 def bound_section(fin: Any, labels: list[str]) -> list[str]:
     """The SAM bound's terms per arm at each run's last diagnostic step (medians over runs)."""
-    have = fin[fin["bound"].notna()] if "bound" in fin else fin.iloc[:0]
+    have = fin[fin["bound"].notna()]
     lines = ["## The SAM bound (Foret et al. 2021, Theorem 1)", ""]
     if have.empty:
         return lines + ["No run logged the bound's terms (runs from before they were logged, "
@@ -878,7 +878,7 @@ def diagnostics_cost(fin: Any) -> list[str]:
     default diag_every."""
     from flatworld.runs.config import EVERY
 
-    g = fin[fin["diag_s"].notna() & (fin["wall_time"] > 0)] if "diag_s" in fin else fin[:0]
+    g = fin[fin["diag_s"].notna() & (fin["wall_time"] > 0)]
     if g.empty:
         return []
     per = g["diag_s"].to_numpy(float)

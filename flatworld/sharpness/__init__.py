@@ -19,7 +19,7 @@ def training_diagnostics(loss_fn, params, rho: float = DIAG_RHO, with_lambda_max
     `bound_w_norm_sq` |w|^2, `bound_rho`) and, when asked, the top Hessian eigenvalue
     (`wm_lambda_max`). The run adds n, the bound's complexity term and its value."""
     params = list(params)
-    loss, perturbed = first_order_losses(loss_fn, params, rho)
+    loss, perturbed = (x.item() for x in first_order_losses(loss_fn, params, rho))
     k, norm_sq = weight_terms(params)
     out = {"wm_sharpness": perturbed - loss, "bound_loss": loss,
            "bound_perturbed_loss": perturbed, "bound_k": float(k),

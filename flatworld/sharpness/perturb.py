@@ -52,7 +52,7 @@ def first_order(
     """L(w + e) - L(w) with SAM's ascent step e = rho g/|g| (adaptive: rho T^2 g/|T g|,
     T = |w| + eta on weight matrices). `loss_fn()` computes the loss on a fixed batch and
     must not call backward; weights and `.grad` are left exactly as found."""
-    loss, perturbed = _first_order_point(loss_fn, params, rho, adaptive, eta)
+    loss, perturbed = first_order_losses(loss_fn, params, rho, adaptive, eta)
     return (perturbed - loss).item()
 
 
@@ -62,15 +62,10 @@ def first_order_losses(
     rho: float = 0.05,
     adaptive: bool = False,
     eta: float = 0.01,
-) -> tuple[float, float]:
-    """(L(w), L(w + e)) at `first_order`'s ascent point: the two losses whose difference is
-    the sharpness, and the second the SAM bound's estimate of max_{|e| <= rho} L(w + e)."""
-    loss, perturbed = _first_order_point(loss_fn, params, rho, adaptive, eta)
-    return loss.item(), perturbed.item()
-
-
-def _first_order_point(loss_fn: LossFn, params: Iterable[Tensor], rho: float, adaptive: bool,
-                       eta: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor]:
+    """(L(w), L(w + e)) as 0-dim tensors at `first_order`'s ascent point: the two losses whose
+    difference is the sharpness, and the second the SAM bound's estimate of
+    max_{|e| <= rho} L(w + e)."""
     params, rho = check_params(params), check_rho(rho)
     scale = adaptive_scale(params, eta) if adaptive else None
     with preserved(params) as saved:
